@@ -9,9 +9,10 @@ from mirror.models.config import ModelConfig
 from mirror.tokenizer import Tokenizer
 
 
-def tiny_model(preset: str = "tiny", seed: int = 0, **overrides) -> Transformer:
+def tiny_model(preset: str = "tiny", seed: int = 0, std: float = 0.25, **overrides) -> Transformer:
+    """Seeded random weights; std 0.25 keeps greedy output varied (0.02 repeats one token)."""
     cfg = PRESETS[preset].with_(**overrides) if overrides else PRESETS[preset]
-    return Transformer(cfg).init_weights(seed)
+    return Transformer(cfg).init_weights(seed, std=std)
 
 
 def byte_tokenizer(vocab_size: int = 256) -> Tokenizer:

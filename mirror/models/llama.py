@@ -79,15 +79,7 @@ class Block(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * ctx.cos + rotate_half(q) * ctx.sin  # cos/sin: [B, T, 1, hd]
         k = k * ctx.cos + rotate_half(k) * ctx.sin
-        cache.write(self.layer_id, ctx.rows_t, ctx.positions, k, v)
-        kc, vc = cache.layer(self.layer_id)
-        keys, vals = ctx.select(kc), ctx.select(vc)  # [B, Hk, S, hd]
-        # Group query heads by their kv head: [B, Hk, n_rep * T, hd], row = r * T + t
-        qg = q.view(B, T, Hk, cfg.n_rep, hd).permute(0, 2, 3, 1, 4).reshape(B, Hk, cfg.n_rep * T, hd)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)) * ctx.scale + ctx.mask  # [B, Hk, n_rep*T, S]
-        probs = torch.softmax(scores.float(), dim=-1).to(vals.dtype)
-        o = torch.matmul(probs, vals)  # [B, Hk, n_rep*T, hd]
-        o = o.view(B, Hk, cfg.n_rep, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+        o = ctx.attend(self.layer_id, q, k, v, cache)  # [B, T, H * hd]
         x = x + self.wo(o)
         gu = self.w13(self.ffn_norm(x))
         g, u = gu.chunk(2, dim=-1)
@@ -119,6 +111,136 @@ class StepContext:
         if isinstance(self.rows, range) and self.rows.step == 1:
             return c[self.rows.start:self.rows.stop, :, :self.kv_len]
         return c[self.rows_t, :, :self.kv_len]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache: KVCache) -> torch.Tensor:
+        """Write k, v at the tokens' positions, then causal attention over the row's cache."""
+        B, T, H, hd = q.shape
+        Hk = k.shape[2]
+        n_rep = H // Hk
+        cache.write(layer, self.rows_t, self.positions, k, v)
+        kc, vc = cache.layer(layer)
+        keys, vals = self.select(kc), self.select(vc)  # [B, Hk, S, hd]
+        # Group query heads by their kv head: [B, Hk, n_rep * T, hd], row = r * T + t
+        qg = q.view(B, T, Hk, n_rep, hd).permute(0, 2, 3, 1, 4).reshape(B, Hk, n_rep * T, hd)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)) * self.scale + self.mask  # [B, Hk, n_rep*T, S]
+        probs = torch.softmax(scores.float(), dim=-1).to(vals.dtype)
+        o = torch.matmul(probs, vals)  # [B, Hk, n_rep*T, hd]
+        return o.view(B, Hk, n_rep, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+
+
+class BranchContext:
+    """Attention for hypothesis rows that share one cache row's prefix (draft-side rollouts).
+
+    Row r attends to positions `< prefix[r]` of row `main_row` of the main cache (read once for
+    all rows, never copied) and to its own tokens, kept in a small branch buffer indexed by
+    `slot = position - prefix[r]`. `BranchBuffer.install` copies a finished row into the main
+    cache (a few positions), which is how a Mirror-SD hit becomes the draft's new state.
+    """
+
+    __slots__ = ("positions", "cos", "sin", "scale", "main_row", "prefix", "slots", "buf",
+                 "mask_main", "mask_own", "s_main", "w_own", "n_rep", "row0")
+
+    def __init__(self, model: "Transformer", positions: torch.Tensor, main_row: int,
+                 prefix: torch.Tensor, buf: "BranchBuffer", s_main: int, row0: int = 0):
+        R, T = positions.shape
+        dev = positions.device
+        self.positions = positions
+        self.cos = model.rope_cos[positions].unsqueeze(2).to(model.dtype)
+        self.sin = model.rope_sin[positions].unsqueeze(2).to(model.dtype)
+        self.scale = 1.0 / math.sqrt(model.cfg.head_dim)
+        self.main_row, self.prefix, self.buf, self.row0 = main_row, prefix, buf, row0
+        self.slots = positions - prefix[:, None]  # [R, T]
+        self.n_rep = model.cfg.n_rep
+        self.s_main = s_main
+        self.w_own = int(self.slots.max()) + 1
+        neg = float("-inf")
+        key_main = torch.arange(s_main, device=dev)
+        m_main = (key_main[None, :] < prefix[:, None])[:, None, :].expand(R, T, s_main)  # [R, T, S]
+        key_own = torch.arange(self.w_own, device=dev)
+        m_own = key_own[None, None, :] <= self.slots[:, :, None]  # [R, T, W]
+        self.mask_main = torch.zeros(m_main.shape, dtype=model.dtype, device=dev).masked_fill_(~m_main, neg)
+        self.mask_own = torch.zeros(m_own.shape, dtype=model.dtype, device=dev).masked_fill_(~m_own, neg)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache: KVCache) -> torch.Tensor:
+        R, T, H, hd = q.shape
+        Hk = k.shape[2]
+        n_rep = self.n_rep
+        bk, bv = self.buf.layer(layer)  # [R_max, Hk, W_max, hd]
+        r0 = self.row0
+        bk, bv = bk[r0:r0 + R], bv[r0:r0 + R]
+        rows = torch.arange(R, device=q.device)[:, None].expand(R, T)
+        bk[rows, :, self.slots] = k
+        bv[rows, :, self.slots] = v
+        kc, vc = cache.layer(layer)
+        mk, mv = kc[self.main_row, :, :self.s_main], vc[self.main_row, :, :self.s_main]  # [Hk, S, hd]
+        ok, ov = bk[:R, :, :self.w_own], bv[:R, :, :self.w_own]  # [R, Hk, W, hd]
+        # shared prefix: all rows' queries in one matmul per kv head -> [Hk, R * n_rep * T, S]
+        qh = q.view(R, T, Hk, n_rep, hd).permute(2, 0, 3, 1, 4)  # [Hk, R, n_rep, T, hd]
+        s1 = torch.matmul(qh.reshape(Hk, R * n_rep * T, hd), mk.transpose(-1, -2))
+        s1 = s1.view(Hk, R, n_rep, T, self.s_main).permute(1, 0, 2, 3, 4)  # [R, Hk, n_rep, T, S]
+        qr = qh.permute(1, 0, 2, 3, 4).reshape(R, Hk, n_rep * T, hd)
+        s2 = torch.matmul(qr, ok.transpose(-1, -2)).view(R, Hk, n_rep, T, self.w_own)
+        s1 = s1 * self.scale + self.mask_main[:, None, None]
+        s2 = s2 * self.scale + self.mask_own[:, None, None]
+        p = torch.softmax(torch.cat([s1, s2], -1).float(), -1).to(q.dtype)
+        p1, p2 = p.split([self.s_main, self.w_own], -1)
+        o1 = torch.matmul(p1.permute(1, 0, 2, 3, 4).reshape(Hk, R * n_rep * T, self.s_main), mv)
+        o1 = o1.view(Hk, R, n_rep, T, hd).permute(1, 0, 2, 3, 4)  # [R, Hk, n_rep, T, hd]
+        o2 = torch.matmul(p2.reshape(R, Hk, n_rep * T, self.w_own), ov).view(R, Hk, n_rep, T, hd)
+        o = o1 + o2
+        return o.permute(0, 3, 1, 2, 4).reshape(R, T, H * hd)
+
+
+class BranchBuffer:
+    """Own-token KV of hypothesis rows: [n_layers, max_rows, n_kv_heads, max_slots, head_dim]."""
+
+    def __init__(self, like: KVCache, max_rows: int, max_slots: int):
+        n, _, hk, _, hd = like.k.shape
+        self.layers = like.layers
+        self.k = torch.zeros(n, max_rows, hk, max_slots, hd, dtype=like.k.dtype, device=like.k.device)
+        self.v = torch.zeros_like(self.k)
+        self.max_rows, self.max_slots = max_rows, max_slots
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j = i - self.layers.start
+        return self.k[j], self.v[j]
+
+    def install(self, row: int, cache: KVCache, main_row: int, start: int, n_slots: int) -> None:
+        """Copy branch `row`'s first n_slots own entries into the main cache at positions start.."""
+        cache.k[:, main_row, :, start:start + n_slots] = self.k[:, row, :, :n_slots]
+        cache.v[:, main_row, :, start:start + n_slots] = self.v[:, row, :, :n_slots]
+
+
+def run_blocks(net, blocks, h: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows=None,
+               kv_len: int | None = None) -> torch.Tensor:
+    """Run `blocks` over h [B, T, dim] with causal attention over `cache`. `net` supplies the
+    config, dtype, RoPE tables and the batch-invariance flag (a Transformer or a draft net)."""
+    B, T, _ = h.shape
+    if rows is None:
+        rows = range(B)
+    if kv_len is None:
+        kv_len = int(positions.max()) + 1
+    pad = net.batch_invariant and T == 1
+    if pad:  # duplicate the token at the same position: identical KV write, 2-row kernels
+        h = h.expand(B, 2, h.shape[-1])
+        positions = positions.expand(B, 2)
+    ctx = StepContext(net, positions, rows, kv_len)
+    for layer in blocks:
+        h = layer(h, ctx, cache)
+    return h[:, :1] if pad else h
+
+
+def run_blocks_branch(net, blocks, h: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                      main_row: int, prefix: torch.Tensor, buf: "BranchBuffer", s_main: int,
+                      row0: int = 0) -> torch.Tensor:
+    """Like run_blocks, for hypothesis rows (buffer rows row0..) sharing a prefix of `cache`
+    row `main_row`."""
+    ctx = BranchContext(net, positions, main_row, prefix, buf, s_main, row0)
+    for layer in blocks:
+        h = layer(h, ctx, cache)
+    return h
 
 
 class Transformer(nn.Module):
@@ -186,19 +308,7 @@ class Transformer(nn.Module):
         end = self.cfg.n_layers if end is None else end
         if not 0 <= start <= end <= self.cfg.n_layers:
             raise ValueError(f"bad layer range [{start}, {end}) for {self.cfg.n_layers} layers")
-        B, T, _ = h.shape
-        if rows is None:
-            rows = range(B)
-        if kv_len is None:
-            kv_len = int(positions.max()) + 1
-        pad = self.batch_invariant and T == 1
-        if pad:  # duplicate the token at the same position: identical KV write, 2-row kernels
-            h = h.expand(B, 2, h.shape[-1])
-            positions = positions.expand(B, 2)
-        ctx = StepContext(self, positions, rows, kv_len)
-        for layer in self.layers[start:end]:
-            h = layer(h, ctx, cache)
-        return h[:, :1] if pad else h
+        return run_blocks(self, self.layers[start:end], h, positions, cache, rows, kv_len)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 start: int = 0, end: int | None = None, rows=None, kv_len: int | None = None,

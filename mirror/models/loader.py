@@ -311,8 +311,9 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtyp
 
 
 def load_model(path: str | None = None, dtype: torch.dtype = torch.float32,
-               device="cpu") -> LoadedModel:
-    """Load a GGUF file or a Hugging Face folder; `None` means the bundled default model."""
+               device="cpu", tokenizer: bool = True) -> LoadedModel:
+    """Load a GGUF file or a Hugging Face folder; `None` means the bundled default model.
+    `tokenizer=False` skips the tokenizer (drafts reuse the target's)."""
     from ..tokenizer import Tokenizer
     from .bundled import bundled_model_path
 
@@ -321,13 +322,13 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32,
     if os.path.isdir(path):
         cfg, sd = load_hf_state(path)
         model = build_model(cfg, sd, dtype=dtype, device=device)
-        tok = Tokenizer.from_hf_dir(path)
+        tok = Tokenizer.from_hf_dir(path) if tokenizer else None
         return LoadedModel(model, tok, path, "hf")
     if not os.path.exists(path):
         raise ModelLoadError(f"model file not found: {path}")
     cfg, sd, reader = load_gguf_state(path)
     model = build_model(cfg, sd, dtype=dtype, device=device)
-    tok = Tokenizer.from_gguf(reader)
+    tok = Tokenizer.from_gguf(reader) if tokenizer else None
     return LoadedModel(model, tok, path, "gguf")
 
 

@@ -1,0 +1,116 @@
+"""The drafter interface shared by vanilla SD and Mirror-SD.
+
+A drafter follows the committed context `ctx` (prompt + output; its last token is the *root*:
+committed, not yet in the target's KV). Per step:
+
+  window = propose(gamma)          # serial drafting from ctx (vanilla SD; Mirror-SD's fallback)
+  expand(signal, window)           # Mirror-SD only: precompute branch-complete rollouts for
+                                   #   hypotheses (j, v) while the target finishes its layers
+  hit = take(verdict)              # Mirror-SD: the next window if (A, t) was precomputed
+  commit(verdict)                  # otherwise: ctx += d_1..d_A, t and roll back draft state
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import torch
+
+from ...sampling import SamplingParams
+from ..messages import DraftWindow, EarlyExitSignal, Verdict
+
+
+@dataclass(slots=True)
+class DraftStats:
+    computed: int = 0  # draft tokens produced (windows and branches)
+    used: int = 0  # tokens of windows handed to the target
+    hits: int = 0
+    misses: int = 0
+    branches: int = 0  # hypotheses expanded
+    by_source: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Hypothesis:
+    j: int  # accept d_1..d_j
+    token: int  # then the target emits this
+    score: float
+
+
+def rank_hypotheses(signal: EarlyExitSignal, window: DraftWindow, budget: int,
+                    floor: float = 1e-3) -> list[Hypothesis]:
+    """Hypotheses (j, v) in order of estimated probability, at most `budget`.
+
+    P(accept d_1..d_j, then v) ~ prod_{i<=j} p~_{i-1}(d_i) * p~_j(v), all read off the target's
+    early exit; a d_i outside position i-1's top-kappa gets `floor`. v = d_{j+1} is skipped: it
+    would have been accepted, not emitted as a correction."""
+    ids = signal.top_ids.tolist()  # one host transfer per step
+    probs = signal.top_logprobs.exp().tolist()
+    G = len(window.ids)
+    heap: list[tuple[float, int, int]] = []
+    survive = 1.0
+    for j in range(G + 1):
+        nxt = window.ids[j] if j < G else None
+        seen = set()
+        for v, p in zip(ids[j], probs[j]):
+            if v != nxt and v not in seen:
+                seen.add(v)
+                heap.append((-survive * p, j, v))
+        if j < G:
+            row = dict(zip(ids[j], probs[j]))
+            survive *= max(row.get(window.ids[j], 0.0), floor)
+    best = heapq.nsmallest(budget, heap)
+    return [Hypothesis(j, v, -s) for s, j, v in best]
+
+
+class Drafter:
+    name = "drafter"
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.ctx: list[int] = []
+        self.window = DraftWindow([])
+        self.stats = DraftStats()
+
+    # --- vanilla path ----------------------------------------------------------------------
+    def start(self, ctx: list[int]) -> None:
+        """Begin a request; ctx = prompt + first committed token (the root)."""
+        self.ctx = list(ctx)
+        self.window = DraftWindow([])
+
+    def propose(self, gamma: int) -> DraftWindow:
+        raise NotImplementedError
+
+    def commit(self, verdict: Verdict) -> None:
+        """ctx += d_1..d_A, t; drop the rest of the window."""
+        self.ctx.extend(self.window.ids[:verdict.accepted])
+        self.ctx.append(verdict.token)
+        self.window = DraftWindow([])
+
+    # --- Mirror-SD path --------------------------------------------------------------------
+    def expand(self, signal: EarlyExitSignal, gamma: int, budget: int, should_stop=None) -> int:
+        """Precompute next windows for the most likely hypotheses; returns how many."""
+        return 0
+
+    def take(self, verdict: Verdict) -> DraftWindow | None:
+        """If (A, t) was precomputed, commit it and return the ready next window."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def totals(self) -> DraftStats:
+        return self.stats
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _choose(self, logits: torch.Tensor, gen: torch.Generator | None):
+        """Pick draft tokens from [R, V'] logits -> (ids [R], probs [R, V'] or None, conf [R])."""
+        from ...sampling import logits_to_probs, sample
+
+        if self.params.greedy:
+            p = torch.softmax(logits.float(), -1)
+            conf, ids = p.max(-1)
+            return ids, None, conf
+        probs = logits_to_probs(logits, self.params)
+        ids = sample(probs, gen)
+        return ids, probs, probs.gather(-1, ids[:, None]).squeeze(-1)

@@ -1,0 +1,77 @@
+"""Combined draft: n-gram lookup where the text repeats, a network draft elsewhere.
+
+Per step the n-gram proposal is used when it finds a continuation, otherwise the network's.
+Both drafters follow every commit, so either can take over at the next step; in Mirror-SD both
+precompute branches (n-gram branches cost a dict probe) and the same preference applies."""
+from __future__ import annotations
+
+from ...sampling import SamplingParams
+from ..messages import DraftWindow, EarlyExitSignal, Verdict
+from .base import Drafter, DraftStats
+from .network import NetworkDrafter
+from .ngram import NgramDrafter
+
+
+class CombinedDrafter(Drafter):
+    def __init__(self, params: SamplingParams, ngram: NgramDrafter, net: NetworkDrafter):
+        super().__init__(params)
+        self.ngram, self.net = ngram, net
+        self.name = f"ngram+{net.name}"
+        self.by_source = {"ngram": 0, net.name: 0}
+
+    def start(self, ctx: list[int]) -> None:
+        super().start(ctx)
+        self.ngram.start(ctx)
+        self.net.start(ctx)
+        self.by_source = {"ngram": 0, self.net.name: 0}
+
+    def totals(self):
+        t = DraftStats(computed=self.ngram.stats.computed + self.net.stats.computed,
+                       used=self.ngram.stats.used + self.net.stats.used,
+                       hits=self.stats.hits, misses=self.stats.misses,
+                       branches=self.net.stats.branches, by_source=dict(self.by_source))
+        return t
+
+    def _use(self, w: DraftWindow) -> DraftWindow:
+        self.window = w
+        self.by_source[w.source] = self.by_source.get(w.source, 0) + 1
+        return w
+
+    def propose(self, gamma: int) -> DraftWindow:
+        w = self.ngram.propose(gamma)
+        if w.ids:
+            self.net.observe(w)
+            return self._use(w)
+        w = self.net.propose(gamma)
+        self.ngram.window = w
+        return self._use(w)
+
+    def commit(self, verdict: Verdict) -> None:
+        super().commit(verdict)
+        self.ngram.commit(verdict)
+        self.net.commit(verdict)
+
+    def expand(self, signal: EarlyExitSignal, gamma: int, budget: int, should_stop=None, batch: int = 8) -> int:
+        self.ngram.expand(signal, gamma, budget)
+        return self.net.expand(signal, gamma, budget, should_stop, batch)
+
+    def take(self, verdict: Verdict) -> DraftWindow | None:
+        ng = self.ngram._branches.get((verdict.accepted, verdict.token))
+        if ng is not None and ng.ids:
+            # the n-gram continuation wins; the network just follows the commit
+            self.net.commit(verdict)
+            self.ngram.take(verdict)
+            self.net.observe(ng)
+            Drafter.commit(self, verdict)
+            self.stats.hits += 1
+            return self._use(ng)
+        self.ngram._branches = {}
+        w = self.net.take(verdict)
+        if w is None:  # miss: the caller commits and drafts serially
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        self.ngram.commit(verdict)
+        self.ngram.window = w
+        Drafter.commit(self, verdict)
+        return self._use(w)

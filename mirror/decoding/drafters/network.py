@@ -1,0 +1,276 @@
+"""Drafts with a network: a separate small model, or a self-draft made of the target's first k
+layers + an optional adapter block + the target's LM head (Kangaroo), optionally with a
+VocabTrim head and speculative-streaming lookahead streams.
+
+`DraftNet` is the network; `NetworkDrafter` drives it: serial drafting with the confidence early
+stop, and Mirror-SD branch rollouts batched as rows that share the committed prefix's KV.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...models.config import ModelConfig
+from ...models.kv_cache import KVCache
+from ...models.llama import Block, BranchBuffer, Transformer, run_blocks, run_blocks_branch
+from ...models.ops import Linear, RMSNorm
+from ...sampling import SamplingParams
+from ..messages import DraftWindow, EarlyExitSignal, Verdict
+from .base import Drafter, rank_hypotheses
+
+
+def make_adapter(cfg: ModelConfig, layer_id: int, ffn_dim: int | None = None) -> Block:
+    """Kangaroo adapter: one attention block + a small MLP; zero output projections make it the
+    identity until trained, so an untrained self-draft is a plain early exit at layer k."""
+    acfg = cfg.with_(ffn_dim=ffn_dim or max(64, cfg.dim // 2))
+    blk = Block(acfg, layer_id, torch.float32)
+    with torch.no_grad():
+        for name, p in blk.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name in ("wo.weight", "w2.weight"):
+                p.zero_()
+            else:
+                nn.init.normal_(p, std=0.02)
+        if cfg.qkv_bias:
+            blk.wqkv.bias.zero_()
+    return blk
+
+
+class DraftNet(nn.Module):
+    """Embedding -> blocks -> final norm -> head, with its own KV cache layout.
+
+    blocks carry their cache layer ids (self-draft: target layers 0..k-1, adapter k)."""
+
+    def __init__(self, cfg: ModelConfig, embed: nn.Embedding, blocks: list[nn.Module], norm: RMSNorm,
+                 head: Linear, rope_cos: torch.Tensor, rope_sin: torch.Tensor, dtype: torch.dtype,
+                 keep_ids: torch.Tensor | None = None, streams: "nn.Module | None" = None):
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        self.embed = embed
+        self.blocks = nn.ModuleList(blocks)
+        self.norm, self.head = norm, head
+        self.rope_cos, self.rope_sin = rope_cos, rope_sin
+        self.keep_ids = keep_ids  # VocabTrim: draft vocab row -> target token id
+        self.streams = streams
+        self.batch_invariant = False  # drafts only propose; their numerics need not be invariant
+        ids = [b.layer_id for b in blocks]
+        self.layer_range = range(min(ids), max(ids) + 1)
+
+    @classmethod
+    def from_model(cls, model: Transformer, keep_ids: torch.Tensor | None = None) -> "DraftNet":
+        return cls(model.cfg, model.tok_emb, list(model.layers), model.norm,
+                   trimmed_head(model.lm_head, keep_ids), model.rope_cos, model.rope_sin,
+                   model.dtype, keep_ids)
+
+    @classmethod
+    def self_draft(cls, target: Transformer, k: int, adapter: Block | None = None,
+                   keep_ids: torch.Tensor | None = None) -> "DraftNet":
+        if not 1 <= k < target.cfg.n_layers:
+            raise ValueError(f"self-draft depth k must be in [1, {target.cfg.n_layers - 1}], got {k}")
+        blocks = list(target.layers[:k]) + ([adapter] if adapter is not None else [])
+        return cls(target.cfg, target.tok_emb, blocks, target.norm, trimmed_head(target.lm_head, keep_ids),
+                   target.rope_cos, target.rope_sin, target.dtype, keep_ids)
+
+    @property
+    def vocab(self) -> int:
+        return self.head.out_features
+
+    def new_cache(self, max_batch: int, max_len: int) -> KVCache:
+        return KVCache.for_model(self.cfg, max_batch=max_batch, max_len=max_len, dtype=self.dtype,
+                                 device=self.embed.weight.device, layers=self.layer_range)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows=None,
+                kv_len: int | None = None, last_only: bool = False) -> torch.Tensor:
+        h = run_blocks(self, self.blocks, self.embed(tokens), positions, cache, rows, kv_len)
+        if last_only:
+            h = h[:, -1:]
+        return self.head(self.norm(h))  # [B, T, V']
+
+    def forward_branch(self, tokens, positions, cache, main_row, prefix, buf, s_main,
+                       row0: int = 0) -> torch.Tensor:
+        """Hypothesis rows over a shared prefix (see BranchContext) -> last-token logits [R, V']."""
+        h = run_blocks_branch(self, self.blocks, self.embed(tokens), positions, cache, main_row, prefix,
+                              buf, s_main, row0)
+        return self.head(self.norm(h[:, -1:]))[:, 0]
+
+    def to_full(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids if self.keep_ids is None else self.keep_ids[ids]
+
+    def full_probs(self, probs: torch.Tensor, vocab: int) -> torch.Tensor:
+        """[.., V'] draft-vocab probabilities -> [.., V] over the target vocabulary."""
+        if self.keep_ids is None:
+            return probs
+        out = probs.new_zeros(*probs.shape[:-1], vocab)
+        out[..., self.keep_ids] = probs
+        return out
+
+
+def trimmed_head(head: Linear, keep_ids: torch.Tensor | None) -> Linear:
+    """VocabTrim: an LM head restricted to `keep_ids` (rows of the full head, in that order)."""
+    if keep_ids is None:
+        return head
+    w = head.weight.detach()[keep_ids]
+    lin = Linear(w.shape[1], w.shape[0], dtype=w.dtype)
+    lin.weight = nn.Parameter(w.clone(), requires_grad=False)
+    lin.pack()
+    return lin
+
+
+class NetworkDrafter(Drafter):
+    """State: `ctx` (committed tokens), `window` (the window under verification) and `kv`, the
+    number of leading positions of ctx + window whose KV is valid in cache row 0. The root
+    (last ctx token) and drafted tokens get KV when fed back; rejected ones are rolled back by
+    moving `kv` (O(1))."""
+
+    name = "network"
+
+    def __init__(self, net: DraftNet, params: SamplingParams, vocab: int, max_len: int,
+                 confidence: float = 0.0, max_rows: int = 16, gamma_max: int = 16):
+        super().__init__(params)
+        self.net, self.vocab = net, vocab
+        self.confidence = confidence
+        self.cache = net.new_cache(1, max_len + gamma_max + 4)
+        self.buf = BranchBuffer(self.cache, max_rows, gamma_max + 2)
+        self.max_rows = max_rows
+        self.kv = 0
+        self.gen = params.generator()
+        self.positions = torch.arange(self.cache.max_len)[None]
+        self._branches: dict = {}
+
+    def start(self, ctx: list[int]) -> None:
+        super().start(ctx)
+        self.kv = 0
+        self.cache.reset()
+        self.gen = self.params.generator()
+        self._branches = {}
+
+    @property
+    def fed(self) -> int:
+        """Window tokens with valid KV."""
+        return max(0, self.kv - len(self.ctx))
+
+    def _feed(self, tokens: list[int], start: int) -> torch.Tensor:
+        """Write KV for tokens at positions start..; returns the last position's logits [1, V']."""
+        logits = None
+        for s in range(0, len(tokens), 512):  # chunked: the first call prefills the prompt
+            chunk = torch.tensor([tokens[s:s + 512]])
+            e = start + s + chunk.shape[1]
+            logits = self.net(chunk, self.positions[:, start + s:e], self.cache, kv_len=e, last_only=True)[:, -1]
+        self.kv = start + len(tokens)
+        self.cache.set_length(0, self.kv)
+        return logits
+
+    # --- serial drafting ------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, gamma: int) -> DraftWindow:
+        self._branches = {}
+        n = len(self.ctx)
+        logits = self._feed(self.ctx[self.kv:], self.kv)  # at least the root
+        ids, probs = [], []
+        for i in range(gamma):
+            tok, pr, conf = self._choose(logits, self.gen)
+            self.stats.computed += 1
+            if self.confidence and float(conf[0]) < self.confidence:
+                break  # Kangaroo early stop
+            ids.append(tok)
+            if pr is not None:
+                probs.append(pr)
+            if i == gamma - 1:
+                break
+            logits = self.net(tok.view(1, 1), self.positions[:, n + i:n + i + 1], self.cache,
+                              kv_len=n + i + 1)[:, -1]
+            self.kv = n + i + 1
+        self.cache.set_length(0, self.kv)
+        out_ids = self.net.to_full(torch.cat(ids)).tolist() if ids else []
+        p = self.net.full_probs(torch.cat(probs), self.vocab) if probs else None
+        self.window = DraftWindow(out_ids, p, self.name)
+        self.stats.used += len(out_ids)
+        return self.window
+
+    def observe(self, window: DraftWindow) -> None:
+        """Another drafter's window is being verified (combined drafts): our KV stops at ctx."""
+        self.kv = min(self.kv, len(self.ctx))
+        self.cache.set_length(0, self.kv)
+        self.window = window
+        self._branches = {}
+
+    def commit(self, verdict: Verdict) -> None:
+        self.kv = min(self.kv, len(self.ctx)) + min(verdict.accepted, self.fed)
+        self.cache.set_length(0, self.kv)
+        super().commit(verdict)
+        self._branches = {}
+
+    # --- Mirror-SD branch rollouts ----------------------------------------------------------
+    @torch.inference_mode()
+    def expand(self, signal: EarlyExitSignal, gamma: int, budget: int, should_stop=None,
+               batch: int = 8) -> int:
+        """Expand the most likely hypotheses (j, v) in batches of rows that share the committed
+        prefix's KV. Anytime: between batches it stops once `should_stop()` is true (the
+        target's verdict arrived), so the draft never delays the target."""
+        self._branches = {}
+        hyps = rank_hypotheses(signal, self.window, min(budget, self.max_rows))
+        # every hypothesis needs KV through d_j: feed the window tokens that lack it (usually d_G)
+        n, G = len(self.ctx), len(self.window.ids)
+        if self.kv < n + G:
+            self._feed((self.ctx + self.window.ids)[self.kv:], self.kv)
+        done = 0
+        for b0 in range(0, len(hyps), batch):
+            if should_stop is not None and done and should_stop():
+                break
+            group = hyps[b0:b0 + batch]
+            self._expand_rows(group, gamma, row0=b0)
+            done += len(group)
+        self.stats.branches += done
+        return done
+
+    def _expand_rows(self, group, gamma: int, row0: int) -> None:
+        R = len(group)
+        n = len(self.ctx)  # root at n - 1, d_i at n - 1 + i, v of (j, v) at n + j
+        prefix = torch.tensor([n + h.j for h in group])
+        pos = prefix[:, None]
+        s_main = int(prefix.max())
+        logits = self.net.forward_branch(torch.tensor([[h.token] for h in group]), pos, self.cache, 0,
+                                         prefix, self.buf, s_main, row0)
+        toks, probs = [], []
+        alive = torch.ones(R, dtype=torch.bool)
+        lengths = torch.zeros(R, dtype=torch.long)
+        forwards = 1
+        for i in range(gamma):
+            tok, pr, conf = self._choose(logits, self.gen)
+            self.stats.computed += R
+            if self.confidence:
+                alive &= conf >= self.confidence
+            lengths += alive.long()
+            toks.append(self.net.to_full(tok))
+            if pr is not None:
+                probs.append(pr)
+            if i == gamma - 1 or not bool(alive.any()):
+                break
+            pos = pos + 1
+            logits = self.net.forward_branch(toks[-1][:, None], pos, self.cache, 0, prefix, self.buf,
+                                             s_main, row0)
+            forwards += 1
+        ids = torch.stack(toks, 1).tolist()  # [R, steps]
+        P = self.net.full_probs(torch.stack(probs, 1), self.vocab) if probs else None
+        for r, h in enumerate(group):
+            m = int(lengths[r])
+            fed = min(m, forwards - 1)  # d'_1..d'_fed were fed back: their KV exists
+            w = DraftWindow(ids[r][:m], P[r, :m] if P is not None else None, self.name)
+            self._branches[(h.j, h.token)] = (int(prefix[r]), w, row0 + r, fed)
+
+    def take(self, verdict: Verdict) -> DraftWindow | None:
+        hit = self._branches.get((verdict.accepted, verdict.token))
+        self._branches = {}
+        if hit is None:
+            self.stats.misses += 1
+            return None
+        s, window, row, fed = hit
+        self.stats.hits += 1
+        Drafter.commit(self, verdict)  # ctx += d_1..d_A, t (t is the branch's v, at position s)
+        self.buf.install(row, self.cache, 0, s, 1 + fed)  # v, d'_1..d'_fed
+        self.kv = s + 1 + fed
+        self.cache.set_length(0, self.kv)
+        self.window = window
+        self.stats.used += len(window.ids)
+        return window

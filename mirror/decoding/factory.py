@@ -1,0 +1,99 @@
+"""Build drafters and run any method from a SpecConfig: the one entry point for `ar`, `sd`
+and `mirror` used by the CLI, the benchmarks and the workers."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..models.llama import Transformer
+from ..sampling import SamplingParams
+from ..spec_config import SpecConfig
+from ..tokenizer import Tokenizer
+from .ar import generate_ar
+from .drafters.base import Drafter
+from .drafters.combined import CombinedDrafter
+from .drafters.network import DraftNet, NetworkDrafter, make_adapter
+from .drafters.ngram import NgramDrafter
+from .drafters.vocab_trim import VocabTrim
+from .result import GenerationResult
+from .speculative import DraftPipeline, generate_speculative
+from .target import TargetPipeline
+
+_DRAFT_MODELS: dict[str, Transformer] = {}
+
+
+def load_draft_model(path: str, target: Transformer) -> Transformer:
+    from ..models.loader import load_model
+
+    if path not in _DRAFT_MODELS:
+        dm = load_model(path, dtype=target.dtype, tokenizer=False).model
+        if dm.cfg.vocab_size != target.cfg.vocab_size:
+            raise ValueError(f"draft model {path} has vocab {dm.cfg.vocab_size}, the target "
+                             f"{target.cfg.vocab_size}: a draft must share the target's tokenizer")
+        _DRAFT_MODELS[path] = dm
+    return _DRAFT_MODELS[path]
+
+
+def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNet:
+    """The network of a 'self', 'model' or 'streaming' draft, with its trained parts if given."""
+    from .artifacts import load_draft_artifact
+
+    keep = VocabTrim.load(spec.vocab_trim).keep_ids if spec.vocab_trim else None
+    if kind == "model":
+        return DraftNet.from_model(load_draft_model(spec.draft_model, target), keep)
+    art = load_draft_artifact(spec.adapter, target) if spec.adapter else None
+    k = art.layers if art is not None else spec.draft_layers
+    adapter = art.adapter if art is not None else None
+    net = DraftNet.self_draft(target, k, adapter, keep)
+    if kind == "streaming":
+        from .drafters.streaming import attach_streams
+
+        attach_streams(net, art.streams if art is not None and art.streams is not None else None,
+                       n_streams=spec.streams or 2, n_layers=spec.stream_layers)
+    return net
+
+
+def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams, max_len: int,
+                  net: DraftNet | None = None) -> Drafter:
+    kinds = spec.draft.split("+")
+    ngram = NgramDrafter(params, spec.ngram_min, spec.ngram_max) if "ngram" in kinds else None
+    net_kind = next((k for k in kinds if k != "ngram"), None)
+    network = None
+    if net_kind is not None:
+        net = net or build_draft_net(target, spec, net_kind)
+        if net_kind == "streaming":
+            from .drafters.streaming import StreamingDrafter
+
+            network = StreamingDrafter(net, params, target.cfg.vocab_size, max_len, spec.confidence,
+                                       max_rows=spec.budget, gamma_max=spec.gamma)
+        else:
+            network = NetworkDrafter(net, params, target.cfg.vocab_size, max_len, spec.confidence,
+                                     max_rows=spec.budget, gamma_max=spec.gamma)
+            network.name = net_kind
+    if ngram is not None and network is not None:
+        return CombinedDrafter(params, ngram, network)
+    return ngram or network
+
+
+def load_exit_head(spec: SpecConfig, target: Transformer):
+    if not spec.exit_head:
+        return None
+    from .artifacts import load_exit_head as _load
+
+    return _load(spec.exit_head, target)
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+             spec: SpecConfig | None = None, on_chunk: Callable[[str, list[int]], None] | None = None,
+             should_stop: Callable[[], bool] | None = None, drafter: Drafter | None = None) -> GenerationResult:
+    """Run `spec.method` on one prompt (ar when spec is None)."""
+    spec = spec or SpecConfig(method="ar")
+    if spec.method == "ar":
+        return generate_ar(model, tokenizer, prompt_ids, params, on_chunk, should_stop=should_stop)
+    max_len = len(prompt_ids) + params.max_new_tokens + spec.gamma + 2
+    drafter = drafter or build_drafter(model, spec, params, max_len)
+    target = TargetPipeline(model, params, spec, exit_head=load_exit_head(spec, model))
+    with torch.inference_mode():
+        return generate_speculative(target, DraftPipeline(drafter, spec), tokenizer, prompt_ids, params,
+                                    spec, on_chunk, should_stop)

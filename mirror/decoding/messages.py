@@ -1,0 +1,46 @@
+"""What crosses between the target and draft pipelines each step (the rendezvous).
+
+These are all that the token channel carries (protos/mirror/v1/channel.proto mirrors them):
+token ids and a few floats, O(window * kappa) numbers, never hidden states.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class DraftWindow:
+    """The draft's proposal d_1..d_G after the committed context (G may be 0)."""
+
+    ids: list[int]
+    # [G, V] distribution each d_i was drawn from, for stochastic acceptance; None means the
+    # proposal is deterministic (one-hot), which is what greedy drafting and n-gram lookup give.
+    probs: torch.Tensor | None = None
+    source: str = ""  # which drafter produced it (for combined drafters' metrics)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(slots=True)
+class EarlyExitSignal:
+    """Target -> draft after the target prefix: top-kappa of p~_j for window positions j=0..G.
+
+    Position j answers "which token follows root, d_1..d_j", i.e. the likely correction if the
+    target rejects d_{j+1} (or the bonus when j = G)."""
+
+    step: int
+    top_ids: torch.Tensor  # [G+1, kappa] long
+    top_logprobs: torch.Tensor  # [G+1, kappa] float
+
+
+@dataclass(slots=True)
+class Verdict:
+    """Target -> draft after the suffix: how many draft tokens were accepted and the next token
+    (correction at the first rejection, or bonus after a full accept)."""
+
+    step: int
+    accepted: int
+    token: int

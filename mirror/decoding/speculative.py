@@ -1,0 +1,93 @@
+"""Vanilla speculative decoding and the Mirror-SD step, as two pipelines with a rendezvous.
+
+Mirror-SD per step (see ../shared/MIRROR_SD.md):
+  target: prefix [0, l_e) over [root, d_1..d_G] -> EarlyExitSignal ----> draft: expand branches
+  target: suffix [l_e, N) -> acceptance -> Verdict --------------------> draft: hit -> window ready
+                                                                               miss -> draft serially
+Here the two pipelines run one after the other in one process; the distributed runtime runs
+`DraftPipeline` in a draft worker and carries the same messages over gRPC, unchanged.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ..output import OutputStream
+from ..sampling import SamplingParams
+from ..spec_config import SpecConfig
+from ..tokenizer import Tokenizer
+from .drafters.base import Drafter
+from .messages import DraftWindow, EarlyExitSignal, Verdict
+from .result import GenerationResult
+from .target import TargetPipeline
+
+
+class DraftPipeline:
+    """The draft side of the rendezvous: turns signals and verdicts into the next window."""
+
+    def __init__(self, drafter: Drafter, spec: SpecConfig):
+        self.drafter, self.spec = drafter, spec
+
+    def start(self, ctx: list[int], gamma: int) -> DraftWindow:
+        self.drafter.start(ctx)
+        return self.drafter.propose(gamma)
+
+    def on_signal(self, signal: EarlyExitSignal, should_stop=None) -> int:
+        """Branch-complete rollouts for the most likely hypotheses, until the verdict arrives
+        (`should_stop`) or the budget is spent."""
+        return self.drafter.expand(signal, self.spec.gamma, self.spec.budget, should_stop,
+                                   self.spec.branch_batch)
+
+    def on_verdict(self, verdict: Verdict, gamma: int) -> DraftWindow:
+        """Hit: the precomputed window, at zero latency. Miss: serial drafting (vanilla SD)."""
+        w = self.drafter.take(verdict) if self.spec.method == "mirror" else None
+        if w is None:
+            self.drafter.commit(verdict)
+            w = self.drafter.propose(gamma)
+        return w
+
+
+def generate_speculative(target: TargetPipeline, draft: DraftPipeline, tokenizer: Tokenizer,
+                         prompt_ids: list[int], params: SamplingParams, spec: SpecConfig,
+                         on_chunk: Callable[[str, list[int]], None] | None = None,
+                         should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+    if spec.method not in ("sd", "mirror"):
+        raise ValueError(f"generate_speculative runs sd or mirror, not {spec.method!r}")
+    out = OutputStream(tokenizer, params, on_chunk)
+    t0 = time.perf_counter()
+    root = target.start(prompt_ids)
+    t1 = time.perf_counter()
+
+    def gamma_left() -> int:  # no point drafting past max_new_tokens
+        return max(0, min(spec.gamma, params.max_new_tokens - len(out.ids) - 1))
+
+    done = out.push([root])
+    window = draft.start(prompt_ids + [root], gamma_left()) if not done else None
+    while not done:
+        if should_stop is not None and should_stop():
+            out.finish("cancelled")
+            break
+        if spec.method == "mirror":
+            signal = target.prefix(root, window)
+            draft.on_signal(signal)
+            verdict = target.suffix()
+        else:
+            verdict = target.verify(root, window)
+        committed = window.ids[:verdict.accepted] + [verdict.token]
+        done = out.push(committed)
+        root = verdict.token
+        if not done:
+            window = draft.on_verdict(verdict, gamma_left())
+    m = target.metrics
+    m.prefill_s = t1 - t0
+    m.decode_s = time.perf_counter() - t1
+    m.new_tokens = len(out.ids)
+    st = draft.drafter.totals()
+    m.draft_tokens_computed, m.draft_tokens_used = st.computed, st.used
+    m.hits, m.misses = st.hits, st.misses
+    m.extra["branches"] = st.branches
+    if st.by_source:
+        m.extra["windows_by_source"] = dict(st.by_source)
+    if hasattr(draft.drafter, "by_source"):
+        m.extra["windows_by_source"] = dict(draft.drafter.by_source)
+    return GenerationResult(out.ids, out.text, out.finish_reason, m, method=spec.method)

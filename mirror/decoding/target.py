@@ -1,0 +1,114 @@
+"""The target pipeline: prefill, then per step either a full verification forward (vanilla SD)
+or a layer-split forward - prefix to l_e, early-exit signal out, suffix, verdict (Mirror-SD).
+
+Windows are `[root, d_1..d_G]` at positions n..n+G, where n is the target's KV length and the
+root is the last committed token. After a verdict (A, t) the target KV keeps root, d_1..d_A
+(n += A + 1) and t becomes the next root - a counter move, nothing copied.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models.llama import Transformer
+from ..sampling import SamplingParams, logits_to_probs, next_token
+from ..spec_config import SpecConfig
+from .acceptance import greedy_accept, match_accept, stochastic_accept
+from .ar import check_context, prefill
+from .messages import DraftWindow, EarlyExitSignal, Verdict
+from .result import Metrics
+
+
+class TargetPipeline:
+    def __init__(self, model: Transformer, params: SamplingParams, spec: SpecConfig,
+                 exit_head=None):
+        self.model, self.params, self.spec = model, params, spec
+        self.le = spec.resolve_exit_layer(model.cfg.n_layers)
+        self.kappa = spec.kappa
+        self.exit_head = exit_head if exit_head is not None else model.head
+        self.rule = "greedy" if params.greedy else ("stochastic" if spec.rule == "auto" else spec.rule)
+        self.metrics = Metrics()
+        self.step = 0
+
+    # --- request lifecycle -------------------------------------------------------------------
+    @torch.inference_mode()
+    def start(self, prompt_ids: list[int]) -> int:
+        """Prefill; returns the first committed token."""
+        max_new = self.params.max_new_tokens
+        check_context(self.model, len(prompt_ids), max_new, margin=self.spec.gamma + 1)
+        self.cache = self.model.new_cache(1, len(prompt_ids) + max_new + self.spec.gamma + 2)
+        self.positions = torch.arange(self.cache.max_len, device=self.model.device)[None]
+        self.gen = self.params.generator(self.model.device)
+        self.metrics = Metrics(prompt_tokens=len(prompt_ids))
+        self.step = 0
+        logits = prefill(self.model, self.cache, prompt_ids)
+        self.n = len(prompt_ids)
+        return int(next_token(logits, self.params, self.gen))
+
+    def _window(self, root: int, window: DraftWindow):
+        G = len(window.ids)
+        self._pending = window
+        self._tokens = torch.tensor([[root] + window.ids], device=self.model.device)
+        self._pos = self.positions[:, self.n:self.n + G + 1]
+        self._kv_len = self.n + G + 1
+        return G
+
+    # --- vanilla SD ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def verify(self, root: int, window: DraftWindow) -> Verdict:
+        self._window(root, window)
+        logits = self.model(self._tokens, self._pos, self.cache, kv_len=self._kv_len)[0]
+        return self._conclude(logits, exit_top=None)
+
+    # --- Mirror-SD -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefix(self, root: int, window: DraftWindow) -> EarlyExitSignal:
+        """Layers [0, l_e) over the window, then top-kappa of the early exit at every position."""
+        self._window(root, window)
+        m = self.model
+        self._h = m.forward_layers(m.embed(self._tokens), self._pos, self.cache, 0, self.le, kv_len=self._kv_len)
+        logp = torch.log_softmax(self.exit_head(self._h)[0].float(), dim=-1)  # [G+1, V]
+        top = logp.topk(self.kappa, dim=-1)
+        self._exit_top = top.indices
+        return EarlyExitSignal(self.step, top.indices, top.values)
+
+    @torch.inference_mode()
+    def suffix(self) -> Verdict:
+        """Layers [l_e, N), acceptance, commit, rollback."""
+        m = self.model
+        h = m.forward_layers(self._h, self._pos, self.cache, self.le, m.cfg.n_layers, kv_len=self._kv_len)
+        self._h = None
+        return self._conclude(m.head(h)[0], exit_top=self._exit_top)
+
+    # --- shared --------------------------------------------------------------------------------
+    def _conclude(self, logits: torch.Tensor, exit_top: torch.Tensor | None) -> Verdict:
+        """logits [G+1, V] -> verdict; commits root + accepted tokens to the target KV."""
+        w = self._pending
+        G = len(w.ids)
+        d = torch.tensor([w.ids], dtype=torch.long, device=logits.device)  # [1, G]
+        if self.rule == "greedy":
+            A, t = greedy_accept(d, logits[None])
+        else:
+            q = logits_to_probs(logits, self.params)[None]  # [1, G+1, V]
+            if self.rule == "match":
+                A, t = match_accept(d, q, torch.rand(1, G + 1, generator=self.gen, device=q.device))
+            else:
+                p = w.probs if w.probs is not None else \
+                    torch.nn.functional.one_hot(d[0], q.shape[-1]).float()
+                A, t = stochastic_accept(d, p[None].to(q.dtype), q,
+                                         torch.rand(1, G, generator=self.gen, device=q.device),
+                                         torch.rand(1, generator=self.gen, device=q.device))
+        A, t = int(A[0]), int(t[0])  # the one host sync per step
+        mt = self.metrics
+        mt.target_steps += 1
+        mt.drafted_tokens += G
+        mt.accepted_tokens += A
+        if exit_top is not None:
+            probs_A = torch.softmax(logits[A].float(), -1)
+            mt.omega_total += 1
+            mt.omega_mass += float(probs_A[exit_top[A]].sum())
+            mt.omega_hits += int(bool((exit_top[A] == t).any()))
+        self.n += A + 1
+        self.cache.set_length(0, self.n)
+        verdict = Verdict(self.step, A, t)
+        self.step += 1
+        return verdict

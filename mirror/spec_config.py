@@ -1,0 +1,72 @@
+"""One validated configuration object for speculative decoding (sd and mirror)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+METHODS = ("ar", "sd", "mirror")
+DRAFTS = ("self", "model", "ngram", "streaming", "ngram+self", "ngram+streaming", "ngram+model")
+RULES = ("auto", "stochastic", "match")
+
+
+@dataclass(slots=True)
+class SpecConfig:
+    method: str = "mirror"
+    draft: str = "ngram+self"
+    gamma: int = 5  # draft window
+    kappa: int = 8  # early-exit candidates per window position
+    exit_layer: int = 0  # l_e; 0 -> 2N/3 of the target's layers
+    budget: int = 16  # max hypotheses (j, v) the draft expands per step
+    branch_batch: int = 8  # hypotheses expanded per batched draft pass (anytime granularity)
+    confidence: float = 0.0  # Kangaroo early stop: end a draft branch when top-1 prob < this (0 = off)
+    draft_layers: int = 4  # self-draft: target layers [0, k)
+    draft_model: str | None = None  # separate draft: GGUF / HF path sharing the target's tokenizer
+    adapter: str | None = None  # trained self-draft / streaming artifact (safetensors)
+    exit_head: str | None = None  # trained early-exit head artifact
+    vocab_trim: str | None = None  # VocabTrim token set (file) for the draft head
+    streams: int = 0  # speculative streaming: lookahead streams gamma_s (0 = off)
+    stream_layers: int = 1  # N_s: top draft layers with multi-stream attention
+    ngram_min: int = 2
+    ngram_max: int = 4
+    rule: str = "auto"  # acceptance at T > 0 ("auto" = stochastic); greedy when temperature == 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.draft not in DRAFTS:
+            raise ValueError(f"unknown draft {self.draft!r}; choose one of {', '.join(DRAFTS)}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown acceptance rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        for name, lo in (("gamma", 1), ("kappa", 1), ("budget", 1), ("branch_batch", 1),
+                         ("draft_layers", 1), ("stream_layers", 1), ("ngram_min", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.gamma > 16:
+            raise ValueError(f"gamma must be <= 16, got {self.gamma}")
+        if self.exit_layer < 0:
+            raise ValueError(f"exit_layer must be >= 0, got {self.exit_layer}")
+        if not 0.0 <= self.confidence < 1.0:
+            raise ValueError(f"confidence must be in [0, 1), got {self.confidence}")
+        if self.streams < 0:
+            raise ValueError(f"streams must be >= 0, got {self.streams}")
+        if self.ngram_max < self.ngram_min:
+            raise ValueError("ngram_max must be >= ngram_min")
+        if "model" in self.draft and not self.draft_model:
+            raise ValueError("draft 'model' needs draft_model (a GGUF file or Hugging Face folder)")
+
+    def resolve_exit_layer(self, n_layers: int) -> int:
+        le = self.exit_layer or max(1, (2 * n_layers) // 3)
+        if not 1 <= le < n_layers:
+            raise ValueError(f"exit_layer must be in [1, {n_layers - 1}] for a {n_layers}-layer target, got {le}")
+        return le
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpecConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown speculative config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)

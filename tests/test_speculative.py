@@ -1,0 +1,160 @@
+"""Lossless speculative decoding: sd and mirror reproduce plain greedy decoding for every draft."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import byte_tokenizer, tiny_model
+from mirror.decoding.drafters.network import DraftNet, NetworkDrafter
+from mirror.decoding.factory import build_drafter, generate
+from mirror.decoding.messages import DraftWindow, EarlyExitSignal, Verdict
+from mirror.decoding.speculative import DraftPipeline
+from mirror.decoding.target import TargetPipeline
+from mirror.models import save_hf
+from mirror.sampling import SamplingParams
+from mirror.spec_config import DRAFTS, SpecConfig
+
+TOK = byte_tokenizer()
+TARGETS = {s: tiny_model("tiny", seed=s) for s in range(3)}
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    """A separate small model (different weights, same vocabulary) as a Hugging Face folder."""
+    d = tmp_path_factory.mktemp("draft")
+    save_hf(tiny_model("tiny", seed=99, n_layers=2), str(d))
+    return str(d)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2), prompt=st.lists(st.integers(1, 255), min_size=4, max_size=24),
+       method=st.sampled_from(["sd", "mirror"]), draft=st.sampled_from(DRAFTS),
+       gamma=st.integers(1, 6), kappa=st.integers(1, 8), exit_layer=st.integers(1, 3),
+       budget=st.integers(1, 16), confidence=st.sampled_from([0.0, 0.05, 0.3]),
+       k=st.integers(1, 3), streams=st.integers(1, 3))
+def test_greedy_speculative_equals_plain_decoding(draft_dir, seed, prompt, method, draft, gamma, kappa,
+                                                  exit_layer, budget, confidence, k, streams):
+    target = TARGETS[seed]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    ref = generate(target, TOK, prompt, params)
+    spec = SpecConfig(method=method, draft=draft, gamma=gamma, kappa=kappa, exit_layer=exit_layer,
+                      budget=budget, confidence=confidence, draft_layers=k, streams=streams,
+                      draft_model=draft_dir if "model" in draft else None)
+    res = generate(target, TOK, prompt, params, spec)
+    assert res.ids == ref.ids
+    assert res.metrics.committed + 1 >= len(res.ids)  # prefill gives 1, every other token a verified step
+
+
+@pytest.mark.parametrize("method", ["sd", "mirror"])
+def test_draft_equal_to_target_accepts_every_token(tmp_path, method):
+    target = TARGETS[0]
+    save_hf(target, str(tmp_path))
+    spec = SpecConfig(method=method, draft="model", draft_model=str(tmp_path), gamma=4, kappa=8,
+                      exit_layer=3, budget=16)
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    res = generate(target, TOK, [5, 6, 7, 8], params, spec)
+    assert res.ids == generate(target, TOK, [5, 6, 7, 8], params).ids
+    m = res.metrics
+    assert m.acceptance_rate == 1.0 and m.tau > 4.5  # gamma + 1 = 5 but for the shorter last window
+
+
+def _pipelines(target, draft_net, spec, prompt, params):
+    tp = TargetPipeline(target, params, spec)
+    drafter = NetworkDrafter(draft_net, params, target.cfg.vocab_size, 128, max_rows=spec.budget,
+                             gamma_max=spec.gamma)
+    dp = DraftPipeline(drafter, spec)
+    root = tp.start(prompt)
+    window = dp.start(prompt + [root], spec.gamma)
+    return tp, dp, drafter, root, window
+
+
+def test_mirror_hit_and_miss_paths_are_both_taken():
+    """A constructed case: kappa=1/budget=1 makes misses likely, an exit near the top makes hits
+    likely; over a run both happen, are counted, and output stays exact."""
+    target = TARGETS[1]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    ref = generate(target, TOK, prompt, params).ids
+    spec = SpecConfig(method="mirror", draft="self", draft_layers=2, exit_layer=3, kappa=2, budget=2, gamma=3)
+    res = generate(target, TOK, prompt, params, spec)
+    assert res.ids == ref
+    m = res.metrics
+    assert m.hits > 0 and m.misses > 0
+    assert m.hits + m.misses == m.target_steps - 1  # every verdict but the last is a hit or a miss
+
+
+def test_hit_window_equals_serial_draft_from_the_same_context():
+    """The shared-prefix branch rollout must propose what serial drafting would: force a hit on
+    a chosen hypothesis (j, v) and compare with a fresh drafter run on ctx + d_1..d_j + v."""
+    target = TARGETS[2]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    spec = SpecConfig(method="mirror", draft="self", draft_layers=2, exit_layer=2, gamma=4, budget=8)
+    prompt = [10, 20, 30, 40, 50, 60]
+    for j, v in [(0, 17), (2, 99), (spec.gamma, 123)]:
+        tp, dp, drafter, root, window = _pipelines(target, DraftNet.self_draft(target, 2), spec, prompt, params)
+        ctx = prompt + [root]
+        G = len(window.ids)
+        assert G == spec.gamma
+        # position i: the window's own next token (likely accepted), then v
+        ids = torch.tensor([[window.ids[i] if i < G else 1, v] for i in range(G + 1)])
+        sig = EarlyExitSignal(0, ids, torch.log(torch.tensor([[0.9, 0.1]] * (G + 1))))
+        drafter.expand(sig, spec.gamma, spec.budget)
+        hit = drafter.take(Verdict(0, j, v))
+        assert hit is not None
+        fresh = NetworkDrafter(DraftNet.self_draft(target, 2), params, 256, 128)
+        fresh.start(ctx + window.ids[:j] + [v])
+        assert hit.ids == fresh.propose(spec.gamma).ids
+        assert drafter.ctx == ctx + window.ids[:j] + [v]
+        # the installed KV serves the next serial draft as a fresh prefill would
+        verdict = Verdict(1, 1, 5)
+        drafter.commit(verdict)
+        fresh.commit(verdict)
+        assert drafter.propose(spec.gamma).ids == fresh.propose(spec.gamma).ids
+
+
+def test_rollback_keeps_both_caches_equal_to_a_fresh_prefill():
+    """After every step, the target KV holds exactly the committed tokens but the root, the draft
+    KV only committed tokens (plus its own fed window), and both equal a fresh prefill."""
+    target = TARGETS[0]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    spec = SpecConfig(method="mirror", draft="self", draft_layers=2, exit_layer=2, gamma=3, kappa=3, budget=4)
+    prompt = [7, 7, 3, 9, 1, 200, 31]
+    tp, dp, drafter, root, window = _pipelines(target, DraftNet.self_draft(target, 2), spec, prompt, params)
+    committed = prompt + [root]
+    for _ in range(8):
+        sig = tp.prefix(root, window)
+        dp.on_signal(sig)
+        verdict = tp.suffix()
+        committed += window.ids[:verdict.accepted] + [verdict.token]
+        root = verdict.token
+        window = dp.on_verdict(verdict, spec.gamma)
+        assert tp.cache.lengths[0] == len(committed) - 1  # root not yet in the target KV
+        assert drafter.ctx == committed
+        assert drafter.kv <= len(committed) + len(window.ids)
+        n = tp.cache.lengths[0]
+        fresh = target.new_cache(1, 128)
+        target(torch.tensor([committed[:n]]), torch.arange(n)[None], fresh)
+        torch.testing.assert_close(tp.cache.k[:, 0, :, :n], fresh.k[:, 0, :, :n], rtol=1e-4, atol=1e-5)
+        kv = min(drafter.kv, len(committed))
+        dfresh = drafter.net.new_cache(1, 128)
+        drafter.net(torch.tensor([committed[:kv]]), torch.arange(kv)[None], dfresh)
+        torch.testing.assert_close(drafter.cache.k[:, 0, :, :kv], dfresh.k[:, 0, :, :kv], rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_speculative_is_seeded_and_valid():
+    target = TARGETS[1]
+    params = SamplingParams(max_new_tokens=20, temperature=0.9, top_k=40, seed=5, ignore_eos=True)
+    for rule in ("stochastic", "match"):
+        spec = SpecConfig(method="mirror", draft="self", draft_layers=2, exit_layer=2, rule=rule)
+        a = generate(target, TOK, [1, 2, 3, 4], params, spec)
+        b = generate(target, TOK, [1, 2, 3, 4], params, spec)
+        assert a.ids == b.ids and len(a.ids) == 20
+
+
+def test_spec_config_validates():
+    for bad in (dict(method="beam"), dict(draft="medusa"), dict(gamma=0), dict(kappa=0),
+                dict(confidence=1.5), dict(draft="model"), dict(ngram_min=3, ngram_max=2)):
+        with pytest.raises(ValueError):
+            SpecConfig(**bad)
+    with pytest.raises(ValueError, match="exit_layer"):
+        SpecConfig(exit_layer=9).resolve_exit_layer(4)
