@@ -37,6 +37,43 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
 
 
+def add_spec_args(p: argparse.ArgumentParser, default_method: str = "ar") -> None:
+    from .spec_config import DRAFTS, METHODS, RULES, SpecConfig
+
+    d = SpecConfig()
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--method", default=default_method, choices=METHODS)
+    g.add_argument("--draft", default=d.draft, choices=DRAFTS)
+    g.add_argument("--gamma", type=int, default=d.gamma, help="draft window")
+    g.add_argument("--kappa", type=int, default=d.kappa, help="early-exit candidates per position")
+    g.add_argument("--exit-layer", type=int, default=d.exit_layer, help="l_e (0 = 2N/3)")
+    g.add_argument("--budget", type=int, default=d.budget, help="hypotheses expanded per step")
+    g.add_argument("--branch-batch", type=int, default=d.branch_batch)
+    g.add_argument("--confidence", type=float, default=d.confidence, help="draft early-stop threshold")
+    g.add_argument("--draft-layers", type=int, default=d.draft_layers, help="self-draft depth k")
+    g.add_argument("--draft-model", default=None, help="separate draft model (GGUF or HF folder)")
+    g.add_argument("--adapter", default=None, help="trained draft artifact (mirror train-draft)")
+    g.add_argument("--exit-head", default=None, help="trained early-exit head artifact")
+    g.add_argument("--vocab-trim", default=None, help="VocabTrim token set (JSON)")
+    g.add_argument("--streams", type=int, default=d.streams, help="speculative-streaming lookahead streams")
+    g.add_argument("--stream-layers", type=int, default=d.stream_layers)
+    g.add_argument("--rule", default=d.rule, choices=RULES, help="acceptance rule at temperature > 0")
+
+
+def spec_from_args(args):
+    from .spec_config import SpecConfig
+
+    try:
+        return SpecConfig(method=args.method, draft=args.draft, gamma=args.gamma, kappa=args.kappa,
+                          exit_layer=args.exit_layer, budget=args.budget, branch_batch=args.branch_batch,
+                          confidence=args.confidence, draft_layers=args.draft_layers,
+                          draft_model=args.draft_model, adapter=args.adapter, exit_head=args.exit_head,
+                          vocab_trim=args.vocab_trim, streams=args.streams, stream_layers=args.stream_layers,
+                          rule=args.rule)
+    except ValueError as e:
+        _die(str(e))
+
+
 def sampling_from_args(args):
     from .sampling import SamplingParams
 
@@ -73,9 +110,10 @@ def cmd_generate(args) -> int:
     if not args.prompt or not args.prompt.strip():
         _die("the prompt is empty")
     params = sampling_from_args(args)
+    spec = spec_from_args(args)
     lm = load_from_args(args)
     ids = prompt_ids(lm, args.prompt, args.raw, args.system)
-    from .decoding.ar import generate_ar
+    from .decoding.factory import generate
 
     def stream(text, _ids):
         if not args.json:
@@ -84,8 +122,8 @@ def cmd_generate(args) -> int:
 
     t0 = time.perf_counter()
     try:
-        res = generate_ar(lm.model, lm.tokenizer, ids, params, on_chunk=stream)
-    except ValueError as e:
+        res = generate(lm.model, lm.tokenizer, ids, params, spec, on_chunk=stream)
+    except (ValueError, FileNotFoundError) as e:
         _die(str(e))
     wall = time.perf_counter() - t0
     m = res.metrics
@@ -95,7 +133,12 @@ def cmd_generate(args) -> int:
         print(json.dumps(d))
     else:
         sys.stdout.write("\n")
-        print(f"[{m.new_tokens} new tokens, {m.tokens_per_s:.1f} tok/s decode, "
+        spec_stats = ""
+        if spec.method != "ar":
+            spec_stats = f", tau {m.tau:.2f}, acceptance {m.acceptance_rate:.2f}"
+            if spec.method == "mirror":
+                spec_stats += f", hit rate {m.hit_rate:.2f}"
+        print(f"[{spec.method}: {m.new_tokens} new tokens, {m.tokens_per_s:.1f} tok/s decode{spec_stats}, "
               f"prefill {m.prompt_tokens} tokens in {m.prefill_s * 1e3:.0f} ms, "
               f"finish: {res.finish_reason}]", file=sys.stderr)
     return 0
@@ -111,6 +154,7 @@ def main(argv=None) -> int:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--system", default=None, help="system message for chat models")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    add_spec_args(g)
     g.set_defaults(func=cmd_generate)
     args = parser.parse_args(argv)
     return args.func(args)
