@@ -144,6 +144,71 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import run
+
+    return run(args)
+
+
+def cmd_client(args) -> int:
+    import grpc
+
+    from .client import GenerateClient, GenerateError
+
+    if args.system and args.raw:
+        _die("--system needs the chat template; it cannot be combined with --raw")
+    params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id,
+                  ignore_eos=args.ignore_eos, method=args.method, raw=args.raw)
+    prompt, messages = args.prompt, None
+    if args.system:
+        prompt, messages = None, [{"role": "system", "content": args.system},
+                                  {"role": "user", "content": args.prompt}]
+    text, ids, last = [], [], None
+    with GenerateClient(args.server, timeout=args.timeout) as client:
+        stream = client.stream(prompt, messages=messages, **params)
+        try:
+            for chunk in stream:
+                text.append(chunk.text)
+                ids.extend(chunk.token_ids)
+                if not args.json:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                if chunk.finish_reason is not None:
+                    last = chunk
+        except GenerateError as e:
+            if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                _die(f"invalid request: {e.message}")
+            if e.code == grpc.StatusCode.UNAVAILABLE:
+                _die(f"cannot reach a mirror server at {args.server} ({e.message})", 1)
+            _die(f"the server failed the request ({e.code.name}): {e.message}", 1)
+        except KeyboardInterrupt:
+            stream.cancel()
+            print("\n[cancelled]", file=sys.stderr)
+            return 130
+    if last is None:
+        _die("the server ended the stream without a final message", 1)
+    u = last.usage
+    if args.json:
+        print(json.dumps({"text": "".join(text), "ids": ids, "finish_reason": last.finish_reason,
+                          "method": last.method, "error": last.error,
+                          "usage": None if u is None else {f: getattr(u, f) for f in u.__slots__}}))
+    else:
+        sys.stdout.write("\n")
+        if u is not None:
+            spec_stats = ""
+            if last.method != "ar":
+                spec_stats = f", tau {u.tau:.2f}, acceptance {u.acceptance_rate:.2f}"
+                if last.method == "mirror":
+                    spec_stats += f", hit rate {u.hit_rate:.2f}"
+            print(f"[{last.method}: {u.completion_tokens} new tokens, {u.tokens_per_s:.1f} tok/s decode"
+                  f"{spec_stats}, prefill {u.prompt_tokens} tokens in {u.prefill_ms:.0f} ms, "
+                  f"finish: {last.finish_reason}]", file=sys.stderr)
+    if last.finish_reason == "error":
+        _die(f"the server failed the request: {last.error}", 1)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mirror", description="Mirror speculative decoding runtime")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -156,6 +221,31 @@ def main(argv=None) -> int:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     add_spec_args(g)
     g.set_defaults(func=cmd_generate)
+
+    from .serve import add_serve_args
+
+    s = sub.add_parser("serve", help="serve a model over gRPC (mirror.v1.Generate, health, reflection)")
+    add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("client", help="stream a generation from a running `mirror serve`")
+    c.add_argument("prompt")
+    c.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server")
+    c.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=None,
+                   help="default: the server's")
+    c.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--top-p", type=float, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    c.add_argument("--stop-token-id", type=int, action="append", default=[], help="(repeatable)")
+    c.add_argument("--ignore-eos", action="store_true")
+    c.add_argument("--method", default=None, help="ar | sd | mirror (default: the server's)")
+    c.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    c.add_argument("--system", default=None, help="system message for chat models")
+    c.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    c.add_argument("--timeout", type=float, default=None, help="seconds for the whole request")
+    c.set_defaults(func=cmd_client)
     args = parser.parse_args(argv)
     return args.func(args)
 
