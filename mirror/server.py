@@ -77,10 +77,15 @@ class MirrorServer:
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 50051,
                  max_message_mb: int = 64):
         self.engine, self.host, self.port = engine, host, port
-        opts = [("grpc.max_send_message_length", max_message_mb << 20),
-                ("grpc.max_receive_message_length", max_message_mb << 20)]
-        self.server = grpc.aio.server(options=opts)
-        generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(engine), self.server)
+        self.options = [("grpc.max_send_message_length", max_message_mb << 20),
+                        ("grpc.max_receive_message_length", max_message_mb << 20)]
+        self.server: grpc.aio.Server | None = None
+        self.health: health.aio.HealthServicer | None = None
+
+    def _build(self) -> None:
+        # grpc.aio objects bind to the running event loop, so they are made in start()
+        self.server = grpc.aio.server(options=self.options)
+        generate_pb2_grpc.add_GenerateServicer_to_server(GenerateService(self.engine), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -92,6 +97,7 @@ class MirrorServer:
 
     async def start(self) -> int:
         """Bind and start; returns the port (useful with port=0, which picks a free one)."""
+        self._build()
         bound = self.server.add_insecure_port(f"{self.host}:{self.port}")
         if bound == 0:
             raise OSError(f"cannot bind {self.host}:{self.port}")
