@@ -1,0 +1,1 @@
+"""Distributed runtime pieces: the target<->draft token channel and the remote decoding loop."""
