@@ -201,10 +201,10 @@ class DraftChannelServicer(channel_pb2_grpc.DraftChannelServicer):
     def _drop(self, session: _Session | None) -> None:
         if session is None:
             return
+        session.close()  # first, so a session missing from the table is fully closed
         with self._lock:
             if self.sessions.get(session.req.session_id) is session:
                 del self.sessions[session.req.session_id]
-        session.close()
 
     def Session(self, request_iterator, context):
         session: _Session | None = None
@@ -240,7 +240,9 @@ class DraftChannelServicer(channel_pb2_grpc.DraftChannelServicer):
                     yield pb.DraftMessage(window=window_to_proto(window, step=v.step + 1))
                 elif kind == "close":
                     session._finish_expansion()
-                    yield pb.DraftMessage(stats=session.stats())
+                    stats = session.stats()
+                    self._drop(session)  # freed before the target hears back
+                    yield pb.DraftMessage(stats=stats)
                     return
                 else:  # cancel
                     return
