@@ -119,13 +119,13 @@ def validate_request(request, tokenizer: Tokenizer, context_len: int, default_sp
     prompt_ids = _encode_input(request, tokenizer)
     margin = spec.gamma + 1 if method != "ar" else 0  # the target's KV also holds a draft window
     room = context_len - len(prompt_ids) - margin
-    if request.HasField("max_tokens"):
-        max_tokens = request.max_tokens
-    else:
-        max_tokens = min(default_max_tokens, room)
-    if max_tokens <= 0 or max_tokens > room:
-        window = f" + the draft window ({margin})" if margin else ""
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max(max_tokens, 1)}){window} "
+    window = f" + the draft window ({margin})" if margin else ""
+    if room <= 0:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens){window} leaves no room for output in the "
+                         f"model's context of {context_len} tokens")
+    max_tokens = request.max_tokens if request.HasField("max_tokens") else min(default_max_tokens, room)
+    if max_tokens > room:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}){window} "
                          f"exceeds the model's context of {context_len} tokens")
     params = SamplingParams(
         max_new_tokens=max_tokens,

@@ -222,3 +222,23 @@ def test_cli_client_invalid_request_exits_nonzero(server, capsys):
         main(["client", "Hi", "--server", "127.0.0.1:1", "--timeout", "5"])
     assert e.value.code == 1
     assert "cannot reach a mirror server" in capsys.readouterr().err
+
+
+def test_validate_request_context_limits(bundled):
+    tok = bundled.tokenizer
+    n = len(tok.encode("one two three"))
+    req = generate_pb2.GenerateRequest(prompt="one two three", raw=True)
+    assert validate_request(req, tok, n + 10, SPEC).params.max_new_tokens == 10  # default capped to the room
+    req.max_tokens = 10
+    assert validate_request(req, tok, n + 10, SPEC).params.max_new_tokens == 10
+    req.max_tokens = 11
+    with pytest.raises(ValueError, match=r"max_tokens \(11\) exceeds the model's context"):
+        validate_request(req, tok, n + 10, SPEC)
+    req.method = "mirror"  # the target's KV also holds a window of gamma + 1
+    req.max_tokens = 10 - SPEC.gamma - 1
+    assert validate_request(req, tok, n + 10, SPEC).spec.method == "mirror"
+    req.max_tokens += 1
+    with pytest.raises(ValueError, match="draft window"):
+        validate_request(req, tok, n + 10, SPEC)
+    with pytest.raises(ValueError, match="leaves no room"):
+        validate_request(generate_pb2.GenerateRequest(prompt="one two three", raw=True), tok, n, SPEC)
