@@ -233,12 +233,14 @@ class LocalEngine(Engine):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         # The worker polls a thread-safe flag rather than the asyncio.Event, which belongs to
-        # the loop; a loop callback mirrors one into the other.
+        # the loop; a small task on the loop copies one into the other.
         stop = threading.Event()
         watcher = asyncio.ensure_future(_mirror_event(cancel, stop))
         done = object()
+        streamed = [0]  # tokens handed out, for the usage of a failed request
 
         def on_chunk(text: str, ids: list[int]) -> None:
+            streamed[0] += len(ids)
             loop.call_soon_threadsafe(queue.put_nowait, Chunk(text, list(ids)))
 
         def work() -> None:
@@ -249,11 +251,11 @@ class LocalEngine(Engine):
                              method=res.method)
             except Exception as e:  # a failed request must not take the server down
                 log.exception("request %s failed", args.request_id or "?")
-                last = Chunk(finish_reason="error", error=f"{type(e).__name__}: {e}", method=args.spec.method)
+                last = Chunk(finish_reason="error", error=f"{type(e).__name__}: {e}", method=args.spec.method,
+                             usage=Usage(prompt_tokens=len(args.prompt_ids), completion_tokens=streamed[0]))
             finally:
                 self._running.clear()
-            tokens = last.usage.completion_tokens if last.usage is not None else 0
-            self.completed.append(Completed(args.request_id, last.finish_reason, tokens))
+            self.completed.append(Completed(args.request_id, last.finish_reason, last.usage.completion_tokens))
             loop.call_soon_threadsafe(queue.put_nowait, last)
             loop.call_soon_threadsafe(queue.put_nowait, done)
 

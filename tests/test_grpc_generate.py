@@ -81,6 +81,15 @@ def test_messages_and_stop_string(client, bundled):
     assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
 
 
+def test_concurrent_requests_are_served_one_after_another(client, reference):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, ref = reference
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda i: client.generate(PROMPT, max_tokens=8, ignore_eos=True), range(3)))
+    assert all(r.token_ids == ref.ids[:8] for r in results)
+
+
 INVALID = {
     "empty prompt": (dict(prompt="  "), "prompt is empty"),
     "no input": (dict(), "no input"),
@@ -187,6 +196,7 @@ def test_engine_failure_ends_the_stream_with_error(bundled):
         chunks = list(c.stream("Hi", max_tokens=4))
         assert chunks[0].text == "partial" and chunks[0].token_ids == [1, 2]
         assert chunks[-1].finish_reason == "error" and "accelerator fell off" in chunks[-1].error
+        assert chunks[-1].usage.completion_tokens == 2
         assert c.health() == "SERVING"
         assert eng.completed[-1].finish_reason == "error" and not eng.busy
 
