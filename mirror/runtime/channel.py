@@ -31,6 +31,7 @@ from concurrent import futures
 from dataclasses import dataclass, fields
 
 import grpc
+import numpy as np
 import torch
 
 from ..decoding.drafters.base import DraftStats
@@ -92,14 +93,15 @@ def window_to_proto(window: DraftWindow, step: int) -> pb.DraftWindow:
     msg = pb.DraftWindow(step=step, ids=window.ids, source=window.source)
     if window.probs is not None:  # [G, V]
         msg.vocab_size = window.probs.shape[-1]
-        msg.probs.extend(window.probs.float().reshape(-1).tolist())
+        msg.probs = window.probs.float().contiguous().numpy().astype("<f4", copy=False).tobytes()
     return msg
 
 
 def window_from_proto(msg: pb.DraftWindow) -> DraftWindow:
     probs = None
     if msg.vocab_size:
-        probs = torch.tensor(msg.probs, dtype=torch.float32).view(len(msg.ids), msg.vocab_size)  # [G, V]
+        flat = np.frombuffer(msg.probs, dtype="<f4").astype(np.float32)  # a writable copy
+        probs = torch.from_numpy(flat).view(len(msg.ids), msg.vocab_size)  # [G, V]
     return DraftWindow(list(msg.ids), probs, msg.source)
 
 

@@ -133,10 +133,10 @@ class DraftWindow(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     step: int
     ids: _containers.RepeatedScalarFieldContainer[int]
-    probs: _containers.RepeatedScalarFieldContainer[float]
+    probs: bytes
     vocab_size: int
     source: str
-    def __init__(self, step: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ..., vocab_size: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., probs: _Optional[bytes] = ..., vocab_size: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class Ready(_message.Message):
     __slots__ = ("step",)
