@@ -144,6 +144,44 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_train_draft(args) -> int:
+    import torch
+
+    from .training.train_draft import TrainConfig, Trainer
+
+    data = args.data or _default_train_data()
+    if not data or not os.path.isfile(data):
+        _die("no training prompts: pass --data PATH (a JSONL file with a 'prompt' field per line, e.g. "
+             "../shared/data/train_prompts.jsonl)")
+    try:
+        cfg = TrainConfig(data=data, out=args.out, draft_layers=args.draft_layers, adapter_ffn=args.adapter_ffn,
+                          exit_layer=args.exit_layer, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                          gen_batch=args.gen_batch, vocab_size=args.vocab_size, streams=args.streams,
+                          stream_rank=args.stream_rank, exit_rank=args.exit_rank, exit_tokens=args.exit_tokens,
+                          epochs=args.epochs, lr=args.lr, seed=args.seed, parts=args.parts)
+    except ValueError as e:
+        _die(str(e))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_from_args(args)
+    try:
+        report = Trainer(lm.model, lm.tokenizer, cfg).run()
+    except ValueError as e:
+        _die(str(e))
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    return 0
+
+
+def _default_train_data() -> str | None:
+    from pathlib import Path
+
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        p = base.parent / "shared" / "data" / "train_prompts.jsonl"
+        if p.is_file():
+            return str(p)
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mirror", description="Mirror speculative decoding runtime")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -156,6 +194,26 @@ def main(argv=None) -> int:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     add_spec_args(g)
     g.set_defaults(func=cmd_generate)
+    t = sub.add_parser("train-draft", help="distil the draft (adapter, streams, exit head) from the target")
+    t.add_argument("--data", default=None, help="training prompts JSONL (default ../shared/data/train_prompts.jsonl)")
+    t.add_argument("--out", default="artifacts/draft", help="output folder (resumes if it holds a run)")
+    add_model_args(t)
+    t.add_argument("--draft-layers", type=int, default=4)
+    t.add_argument("--adapter-ffn", type=int, default=1536)
+    t.add_argument("--exit-layer", type=int, default=0)
+    t.add_argument("--prompts", type=int, default=800)
+    t.add_argument("--max-new-tokens", type=int, default=128)
+    t.add_argument("--gen-batch", type=int, default=16)
+    t.add_argument("--vocab-size", type=int, default=8192, help="VocabTrim set size (0 = off)")
+    t.add_argument("--streams", type=int, default=2)
+    t.add_argument("--stream-rank", type=int, default=0)
+    t.add_argument("--exit-rank", type=int, default=64)
+    t.add_argument("--exit-tokens", type=int, default=40000)
+    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--parts", nargs="+", default=["adapter", "streams", "exit_head"])
+    t.set_defaults(func=cmd_train_draft)
     args = parser.parse_args(argv)
     return args.func(args)
 
