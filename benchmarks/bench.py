@@ -176,8 +176,10 @@ def question_record(turns: list[dict], identical: bool | None) -> dict:
     tok = sum(t["new_tokens"] for t in turns)
     wall = sum(t["wall_s"] for t in turns)
     dec = sum(t["metrics"]["decode_s"] for t in turns)
+    if any(t["metrics"]["extra"].get("no_prefill_split") for t in turns):
+        dec = None  # peers time the whole call only
     return {"new_tokens": tok, "wall_s": wall, "tok_s": tok / wall if wall > 0 else 0.0,
-            "decode_s": dec, "decode_tok_s": tok / dec if dec > 0 else 0.0,
+            "decode_s": dec, "decode_tok_s": tok / dec if dec else None,
             "identical_to_ar": identical, "turns": turns}
 
 
@@ -242,11 +244,12 @@ def summarize(records: list[dict], labels: list[str]) -> dict:
             accepted = sum(m["accepted_tokens"] for m in ms)
             hits, misses = sum(m["hits"] for m in ms), sum(m["misses"] for m in ms)
             tok_s = statistics.fmean(q["tok_s"] for q in qs)
-            dec = statistics.fmean(q["decode_tok_s"] for q in qs)
+            decs = [q["decode_tok_s"] for q in qs]
+            dec = None if None in decs else statistics.fmean(decs)
             ident = [q["identical_to_ar"] for q in qs]
             out[cat][label] = {
                 "questions": len(qs), "tok_s": tok_s, "speedup": _ratio(tok_s, base_tok_s),
-                "decode_tok_s": dec, "decode_speedup": _ratio(dec, base_dec),
+                "decode_tok_s": dec, "decode_speedup": None if dec is None else _ratio(dec, base_dec),
                 "tau": (accepted + steps) / steps if steps else None,
                 "acceptance_rate": accepted / drafted if drafted else None,
                 "hit_rate": hits / (hits + misses) if hits + misses else None,
@@ -294,7 +297,7 @@ def plot_speedups(summary: dict, labels: list[str], path: str, title: str = "") 
 
     cats = list(summary)
     shown = [lb for lb in labels if lb != BASELINE]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(cats) * max(1, len(shown)) ** 0.5 + 2), 4))
+    fig, ax = plt.subplots(figsize=(min(14.0, 2 + len(cats) * (0.6 + 0.35 * len(shown))), 4))
     width = 0.8 / max(1, len(shown))
     for i, lb in enumerate(shown):
         xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(cats))]

@@ -66,11 +66,16 @@ def render_gantt(src, path: str, first_step: int = 1, steps: int = 4, title: str
                     linewidth=0.4)
             step = e.get("args", {}).get("step")
             label = e["name"].split(".", 1)[-1] + (f" {step}" if step is not None else "")
-            if w > 0.04 * (t1 - t0) * ms:
-                ax.text(x + w / 2, y, label, ha="center", va="center", fontsize=7)
+            if w > 0.025 * (t1 - t0) * ms and e["ts"] >= t0 - pad and e["ts"] + e["dur"] <= t1 + pad:
+                ax.text(x + w / 2, y, label, ha="center", va="center", fontsize=6, rotation=90 if w < 0.06 * (t1 - t0) * ms else 0)
         else:
             ax.plot([x], [y], marker="v", color="black", markersize=6)
             ax.text(x, y + 0.35, e["name"].split(".", 1)[-1], fontsize=6, rotation=30)
+    from matplotlib.patches import Patch
+
+    used = sorted({e["name"] for e in shown if e["ph"] == "X"})
+    ax.legend(handles=[Patch(color=COLORS.get(n, "#9467bd"), label=n) for n in used], fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_yticks(range(len(lanes)))
     ax.set_yticklabels([names.get(k[:2], f"{k[2]} ({k[0]}/{k[1]})") for k in lanes], fontsize=8)
     ax.invert_yaxis()

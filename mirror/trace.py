@@ -76,13 +76,15 @@ class Recorder:
         if not lanes_by_category:
             return events
         lanes: dict[tuple, int] = {}
+        threads: dict[tuple, int] = {}  # (pid, os tid) -> 0, 1, ... for short lane names
         out = []
         for e in events:
             key = (e["pid"], e["tid"], e.get("cat", ""))
             if key not in lanes:
                 lanes[key] = len(lanes) + 1
+                n = threads.setdefault(key[:2], sum(1 for k in threads if k[0] == key[0]))
                 out.append({"name": "thread_name", "ph": "M", "pid": e["pid"], "tid": lanes[key],
-                            "args": {"name": f"{key[2] or 'other'} (thread {key[1]})"}})
+                            "args": {"name": f"{key[2] or 'other'} (pid {key[0]}, thread {n})"}})
                 out.append({"name": "thread_sort_index", "ph": "M", "pid": e["pid"], "tid": lanes[key],
                             "args": {"sort_index": lanes[key]}})
             e["args"] = {**e.get("args", {}), "os_tid": e["tid"]}
