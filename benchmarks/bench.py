@@ -85,21 +85,16 @@ class InProcessEngine:
         return generate(self.model, self.tokenizer, prompt_ids, params, spec, drafter=drafter)
 
 
-class RuntimeUnavailable(RuntimeError):
-    pass
-
-
-def _distributed(lm):
-    raise RuntimeUnavailable("the distributed runtime is not available yet; use --runtime inprocess "
-                             "(a distributed engine registers itself with benchmarks.bench.register_engine)")
-
-
-ENGINES: dict[str, Callable[..., Engine]] = {"inprocess": InProcessEngine, "distributed": _distributed}
+ENGINES: dict[str, Callable[..., Engine]] = {"inprocess": InProcessEngine}
+# Runtimes the CLI offers before they exist, with what to say when asked for.
+UNAVAILABLE = {"distributed": "the distributed runtime is not available yet; use --runtime inprocess "
+                              "(a distributed engine plugs in with benchmarks.bench.register_engine)"}
 
 
 def register_engine(name: str, factory: Callable[..., Engine]) -> None:
     """Make `--runtime name` build its engine with `factory(loaded_model)`."""
     ENGINES[name] = factory
+    UNAVAILABLE.pop(name, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +330,7 @@ def add_args(p) -> None:
                    help="method[:draft][@key=value,...], e.g. ar sd:ngram mirror:ngram+self@gamma=7")
     p.add_argument("--spec", default=None, help='SpecConfig fields as JSON for all methods, e.g. \'{"gamma": 5}\'')
     p.add_argument("--spec-file", default=None, help="SpecConfig fields as a JSON file")
-    p.add_argument("--runtime", default="inprocess", choices=sorted(ENGINES))
+    p.add_argument("--runtime", default="inprocess", choices=sorted(set(ENGINES) | set(UNAVAILABLE)))
     p.add_argument("--out", default="runs/bench", help="output folder")
     p.add_argument("--warmup", type=int, default=1, help="warm-up generations per method")
     p.add_argument("--peers", action="store_true",
@@ -379,11 +374,10 @@ def cmd_bench(args) -> int:
         _die(str(e))
     if not questions:
         _die(f"{qpath}: no questions selected")
+    if args.runtime not in ENGINES:
+        _die(UNAVAILABLE.get(args.runtime, f"unknown runtime {args.runtime!r}"))
     lm = load_from_args(args)
-    try:
-        engine = ENGINES[args.runtime](lm)
-    except RuntimeUnavailable as e:
-        _die(str(e))
+    engine = ENGINES[args.runtime](lm)
     methods = [Method(label, spec, engine) for label, spec in parsed]
     if args.peers:
         from .peers import PeersUnavailable, peer_methods

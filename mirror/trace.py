@@ -83,10 +83,10 @@ class Recorder:
             if key not in lanes:
                 lanes[key] = len(lanes) + 1
                 n = threads.setdefault(key[:2], sum(1 for k in threads if k[0] == key[0]))
-                out.append({"name": "thread_name", "ph": "M", "pid": e["pid"], "tid": lanes[key],
+                out.append({"name": "thread_name", "ph": "M", "pid": e["pid"], "tid": lanes[key], "ts": 0,
                             "args": {"name": f"{key[2] or 'other'} (pid {key[0]}, thread {n})"}})
                 out.append({"name": "thread_sort_index", "ph": "M", "pid": e["pid"], "tid": lanes[key],
-                            "args": {"sort_index": lanes[key]}})
+                            "ts": 0, "args": {"sort_index": lanes[key]}})
             e["args"] = {**e.get("args", {}), "os_tid": e["tid"]}
             e["tid"] = lanes[key]
             out.append(e)
