@@ -317,7 +317,8 @@ def markdown(prof: dict) -> str:
               f"{1e3 * a['T_M_s']:.1f} ms; predicted step (T_M + miss {m['miss_rate']:.2f} x T_draft) "
               f"{1e3 * a['expected_step_s']:.1f} ms vs. measured {1e3 * a['measured_step_s']:.1f} ms "
               f"(tau {m['tau']:.2f}, hit rate {m['hit_rate']:.2f}). The in-process runtime runs the draft's "
-              "branch rollouts after the prefix instead of beside the suffix, so it measures above the law."]
+              "branch rollouts between prefix and suffix, not beside the suffix, so with a network draft "
+              "it measures above the law."]
     best = prof["recommended"]
     sd = ", ".join(f"gamma {g}: {v:.1f}" for g, v in b["sd_pred_tok_s"].items())
     L += ["", f"Predicted vanilla SD tok/s with the same draft ({sd}); plain decoding {b['ar_tok_s']:.1f}."]

@@ -40,6 +40,8 @@ class HFPeers:
             raise PeersUnavailable(f"Hugging Face transformers is not installed: {INSTALL}") from e
         from transformers import AutoModelForCausalLM
 
+        transformers.logging.set_verbosity_error()  # its deprecation chatter would swamp the progress bar
+
         from mirror.models import save_hf
 
         self.tokenizer = lm.tokenizer
