@@ -120,12 +120,20 @@ def cmd_generate(args) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
 
+    from contextlib import nullcontext
+
+    from . import trace
+
     t0 = time.perf_counter()
     try:
-        res = generate(lm.model, lm.tokenizer, ids, params, spec, on_chunk=stream)
+        with trace.recording() if args.trace else nullcontext() as rec:
+            with trace.span("request", "request", method=spec.method):
+                res = generate(lm.model, lm.tokenizer, ids, params, spec, on_chunk=stream)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
     wall = time.perf_counter() - t0
+    if args.trace:
+        _save_trace(rec, args.trace)
     m = res.metrics
     if args.json:
         d = res.to_dict()
@@ -182,6 +190,29 @@ def _default_train_data() -> str | None:
     return None
 
 
+def _save_trace(rec, path: str) -> None:
+    """The request's Chrome trace JSON, and a Gantt PNG of its first steps when matplotlib is there."""
+    rec.save(path)
+    msg = f"[trace: {path}"
+    try:
+        from benchmarks.timeline import render_gantt
+
+        png = os.path.splitext(path)[0] + ".png"
+        render_gantt(rec.chrome_events(), png)
+        msg += f", {png}"
+    except ImportError:
+        msg += "; no PNG: matplotlib is not installed (pip install 'mirror-sd[bench]')"
+    except ValueError as e:
+        msg += f"; no PNG: {e}"
+    print(msg + "]", file=sys.stderr)
+
+
+def cmd_bench(args) -> int:
+    from benchmarks.bench import cmd_bench as run
+
+    return run(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mirror", description="Mirror speculative decoding runtime")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -192,6 +223,8 @@ def main(argv=None) -> int:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--system", default=None, help="system message for chat models")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.add_argument("--trace", default=None, metavar="PATH",
+                   help="write a Chrome/Perfetto trace of the request to PATH (and a timeline PNG)")
     add_spec_args(g)
     g.set_defaults(func=cmd_generate)
     t = sub.add_parser("train-draft", help="distil the draft (adapter, streams, exit head) from the target")
@@ -214,6 +247,11 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--parts", nargs="+", default=["adapter", "streams", "exit_head"])
     t.set_defaults(func=cmd_train_draft)
+    from benchmarks.bench import add_args as add_bench_args
+
+    b = sub.add_parser("bench", help="Spec-Bench speed of ar/sd/mirror (and peers), interleaved per question")
+    add_bench_args(b)
+    b.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 
