@@ -120,12 +120,20 @@ def cmd_generate(args) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
 
+    from contextlib import nullcontext
+
+    from . import trace
+
     t0 = time.perf_counter()
     try:
-        res = generate(lm.model, lm.tokenizer, ids, params, spec, on_chunk=stream)
+        with trace.recording() if args.trace else nullcontext() as rec:
+            with trace.span("request", "request", method=spec.method):
+                res = generate(lm.model, lm.tokenizer, ids, params, spec, on_chunk=stream)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
     wall = time.perf_counter() - t0
+    if args.trace:
+        _save_trace(rec, args.trace)
     m = res.metrics
     if args.json:
         d = res.to_dict()
@@ -142,6 +150,67 @@ def cmd_generate(args) -> int:
               f"prefill {m.prompt_tokens} tokens in {m.prefill_s * 1e3:.0f} ms, "
               f"finish: {res.finish_reason}]", file=sys.stderr)
     return 0
+
+
+def cmd_train_draft(args) -> int:
+    import torch
+
+    from .training.train_draft import TrainConfig, Trainer
+
+    data = args.data or _default_train_data()
+    if not data or not os.path.isfile(data):
+        _die("no training prompts: pass --data PATH (a JSONL file with a 'prompt' field per line, e.g. "
+             "../shared/data/train_prompts.jsonl)")
+    try:
+        cfg = TrainConfig(data=data, out=args.out, draft_layers=args.draft_layers, adapter_ffn=args.adapter_ffn,
+                          exit_layer=args.exit_layer, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                          gen_batch=args.gen_batch, vocab_size=args.vocab_size, streams=args.streams,
+                          stream_rank=args.stream_rank, exit_rank=args.exit_rank, exit_tokens=args.exit_tokens,
+                          epochs=args.epochs, lr=args.lr, seed=args.seed, parts=args.parts)
+    except ValueError as e:
+        _die(str(e))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_from_args(args)
+    try:
+        report = Trainer(lm.model, lm.tokenizer, cfg).run()
+    except ValueError as e:
+        _die(str(e))
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    return 0
+
+
+def _default_train_data() -> str | None:
+    from pathlib import Path
+
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        p = base.parent / "shared" / "data" / "train_prompts.jsonl"
+        if p.is_file():
+            return str(p)
+    return None
+
+
+def _save_trace(rec, path: str) -> None:
+    """The request's Chrome trace JSON, and a Gantt PNG of its first steps when matplotlib is there."""
+    rec.save(path)
+    msg = f"[trace: {path}"
+    try:
+        from benchmarks.timeline import render_gantt
+
+        png = os.path.splitext(path)[0] + ".png"
+        render_gantt(rec.chrome_events(), png)
+        msg += f", {png}"
+    except ImportError:
+        msg += "; no PNG: matplotlib is not installed (pip install 'mirror-sd[bench]')"
+    except ValueError as e:
+        msg += f"; no PNG: {e}"
+    print(msg + "]", file=sys.stderr)
+
+
+def cmd_bench(args) -> int:
+    from benchmarks.bench import cmd_bench as run
+
+    return run(args)
 
 
 def cmd_serve(args) -> int:
@@ -219,6 +288,8 @@ def main(argv=None) -> int:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--system", default=None, help="system message for chat models")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.add_argument("--trace", default=None, metavar="PATH",
+                   help="write a Chrome/Perfetto trace of the request to PATH (and a timeline PNG)")
     add_spec_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -246,6 +317,31 @@ def main(argv=None) -> int:
     c.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     c.add_argument("--timeout", type=float, default=None, help="seconds for the whole request")
     c.set_defaults(func=cmd_client)
+    t = sub.add_parser("train-draft", help="distil the draft (adapter, streams, exit head) from the target")
+    t.add_argument("--data", default=None, help="training prompts JSONL (default ../shared/data/train_prompts.jsonl)")
+    t.add_argument("--out", default="artifacts/draft", help="output folder (resumes if it holds a run)")
+    add_model_args(t)
+    t.add_argument("--draft-layers", type=int, default=4)
+    t.add_argument("--adapter-ffn", type=int, default=1536)
+    t.add_argument("--exit-layer", type=int, default=0)
+    t.add_argument("--prompts", type=int, default=800)
+    t.add_argument("--max-new-tokens", type=int, default=128)
+    t.add_argument("--gen-batch", type=int, default=16)
+    t.add_argument("--vocab-size", type=int, default=8192, help="VocabTrim set size (0 = off)")
+    t.add_argument("--streams", type=int, default=2)
+    t.add_argument("--stream-rank", type=int, default=0)
+    t.add_argument("--exit-rank", type=int, default=64)
+    t.add_argument("--exit-tokens", type=int, default=40000)
+    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--parts", nargs="+", default=["adapter", "streams", "exit_head"])
+    t.set_defaults(func=cmd_train_draft)
+    from benchmarks.bench import add_args as add_bench_args
+
+    b = sub.add_parser("bench", help="Spec-Bench speed of ar/sd/mirror (and peers), interleaved per question")
+    add_bench_args(b)
+    b.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

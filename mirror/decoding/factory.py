@@ -2,6 +2,7 @@
 and `mirror` used by the CLI, the benchmarks and the workers."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -39,10 +40,13 @@ def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNe
     """The network of a 'self', 'model' or 'streaming' draft, with its trained parts if given."""
     from .artifacts import load_draft_artifact
 
-    keep = VocabTrim.load(spec.vocab_trim).keep_ids if spec.vocab_trim else None
+    art = load_draft_artifact(spec.adapter, target) if spec.adapter and kind != "model" else None
+    trim_path = spec.vocab_trim
+    if trim_path is None and art is not None and art.meta.get("vocab_trim"):
+        trim_path = os.path.join(os.path.dirname(spec.adapter), art.meta["vocab_trim"])  # trained with it
+    keep = VocabTrim.load(trim_path).keep_ids if trim_path else None
     if kind == "model":
         return DraftNet.from_model(load_draft_model(spec.draft_model, target), keep)
-    art = load_draft_artifact(spec.adapter, target) if spec.adapter else None
     k = art.layers if art is not None else spec.draft_layers
     adapter = art.adapter if art is not None else None
     net = DraftNet.self_draft(target, k, adapter, keep)

@@ -1,1 +1,2 @@
-"""Distributed runtime pieces: the target<->draft token channel and the remote decoding loop."""
+"""The runtime around the decoding core: deployment configs, tensor parallelism, and the
+target<->draft token channel with the remote decoding loop."""
