@@ -37,40 +37,65 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
 
 
-def add_spec_args(p: argparse.ArgumentParser, default_method: str = "ar") -> None:
-    from .spec_config import DRAFTS, METHODS, RULES, SpecConfig
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    """Speculative settings; each one given overrides the base config (see spec_from_args)."""
+    from .spec_config import DRAFTS, METHODS, RULES
 
-    d = SpecConfig()
-    g = p.add_argument_group("speculative decoding")
-    g.add_argument("--method", default=default_method, choices=METHODS)
-    g.add_argument("--draft", default=d.draft, choices=DRAFTS)
-    g.add_argument("--gamma", type=int, default=d.gamma, help="draft window")
-    g.add_argument("--kappa", type=int, default=d.kappa, help="early-exit candidates per position")
-    g.add_argument("--exit-layer", type=int, default=d.exit_layer, help="l_e (0 = 2N/3)")
-    g.add_argument("--budget", type=int, default=d.budget, help="hypotheses expanded per step")
-    g.add_argument("--branch-batch", type=int, default=d.branch_batch)
-    g.add_argument("--confidence", type=float, default=d.confidence, help="draft early-stop threshold")
-    g.add_argument("--draft-layers", type=int, default=d.draft_layers, help="self-draft depth k")
-    g.add_argument("--draft-model", default=None, help="separate draft model (GGUF or HF folder)")
-    g.add_argument("--adapter", default=None, help="trained draft artifact (mirror train-draft)")
-    g.add_argument("--exit-head", default=None, help="trained early-exit head artifact")
-    g.add_argument("--vocab-trim", default=None, help="VocabTrim token set (JSON)")
-    g.add_argument("--streams", type=int, default=d.streams, help="speculative-streaming lookahead streams")
-    g.add_argument("--stream-layers", type=int, default=d.stream_layers)
-    g.add_argument("--rule", default=d.rule, choices=RULES, help="acceptance rule at temperature > 0")
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("speculative decoding (defaults: the deployment config's)")
+    g.add_argument("--method", default=S, choices=METHODS)
+    g.add_argument("--draft", default=S, choices=DRAFTS)
+    g.add_argument("--gamma", type=int, default=S, help="draft window")
+    g.add_argument("--kappa", type=int, default=S, help="early-exit candidates per position")
+    g.add_argument("--exit-layer", type=int, default=S, help="l_e (0 = 2N/3)")
+    g.add_argument("--budget", type=int, default=S, help="hypotheses expanded per step")
+    g.add_argument("--branch-batch", type=int, default=S)
+    g.add_argument("--confidence", type=float, default=S, help="draft early-stop threshold")
+    g.add_argument("--draft-layers", type=int, default=S, help="self-draft depth k")
+    g.add_argument("--draft-model", default=S, help="separate draft model (GGUF or HF folder)")
+    g.add_argument("--adapter", default=S, help="trained draft artifact (mirror train-draft)")
+    g.add_argument("--exit-head", default=S, help="trained early-exit head artifact")
+    g.add_argument("--vocab-trim", default=S, help="VocabTrim token set (JSON)")
+    g.add_argument("--streams", type=int, default=S, help="speculative-streaming lookahead streams")
+    g.add_argument("--stream-layers", type=int, default=S)
+    g.add_argument("--rule", default=S, choices=RULES, help="acceptance rule at temperature > 0")
 
 
-def spec_from_args(args):
+_SPEC_FLAGS = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "branch_batch", "confidence",
+               "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers",
+               "rule")
+
+
+def spec_from_args(args, base=None):
+    """`base` (default: plain decoding) with every speculative flag that was given applied."""
+    import dataclasses
+
     from .spec_config import SpecConfig
 
+    base = base or SpecConfig(method="ar")
+    given = {k: getattr(args, k) for k in _SPEC_FLAGS if hasattr(args, k)}
     try:
-        return SpecConfig(method=args.method, draft=args.draft, gamma=args.gamma, kappa=args.kappa,
-                          exit_layer=args.exit_layer, budget=args.budget, branch_batch=args.branch_batch,
-                          confidence=args.confidence, draft_layers=args.draft_layers,
-                          draft_model=args.draft_model, adapter=args.adapter, exit_head=args.exit_head,
-                          vocab_trim=args.vocab_trim, streams=args.streams, stream_layers=args.stream_layers,
-                          rule=args.rule)
+        return dataclasses.replace(base, **given)
     except ValueError as e:
+        _die(str(e))
+
+
+def deployment_from_args(args):
+    """The deployment config (--config, else the embedded default) with CLI overrides."""
+    import dataclasses
+
+    from .runtime.config import DeploymentConfig
+
+    try:
+        deploy = DeploymentConfig.load(args.config) if getattr(args, "config", None) else DeploymentConfig.local()
+        spec = spec_from_args(args, deploy.speculative)
+        over = {"speculative": spec}
+        if getattr(args, "model", None):
+            over["model"] = args.model
+        if getattr(args, "dtype", None) and args.dtype != "fp32":
+            over["dtype"] = args.dtype
+        return dataclasses.replace(deploy, **over)
+    except (ValueError, FileNotFoundError) as e:
         _die(str(e))
 
 
@@ -106,23 +131,39 @@ def prompt_ids(lm, prompt: str, raw: bool, system: str | None) -> list[int]:
     return tok.encode_chat(msgs)
 
 
+def _stats_line(method, new_tokens, tok_s, tau, acc, hit, prefill_tokens, prefill_ms, finish, where) -> str:
+    spec_stats = ""
+    if method != "ar":
+        spec_stats = f", tau {tau:.2f}, acceptance {acc:.2f}"
+        if method == "mirror":
+            spec_stats += f", hit rate {hit:.2f}"
+    return (f"[{method} ({where}): {new_tokens} new tokens, {tok_s:.1f} tok/s decode{spec_stats}, "
+            f"prefill {prefill_tokens} tokens in {prefill_ms:.0f} ms, finish: {finish}]")
+
+
 def cmd_generate(args) -> int:
     if not args.prompt or not args.prompt.strip():
         _die("the prompt is empty")
     params = sampling_from_args(args)
-    spec = spec_from_args(args)
+    deploy = deployment_from_args(args)
+    if args.inprocess or args.trace:
+        return _generate_inprocess(args, params, deploy.speculative)
+    return _generate_distributed(args, params, deploy)
+
+
+def _generate_inprocess(args, params, spec) -> int:
+    """The reference path: target and draft in this process, one after the other."""
     lm = load_from_args(args)
     ids = prompt_ids(lm, args.prompt, args.raw, args.system)
+    from contextlib import nullcontext
+
+    from . import trace
     from .decoding.factory import generate
 
     def stream(text, _ids):
         if not args.json:
             sys.stdout.write(text)
             sys.stdout.flush()
-
-    from contextlib import nullcontext
-
-    from . import trace
 
     t0 = time.perf_counter()
     try:
@@ -138,17 +179,78 @@ def cmd_generate(args) -> int:
     if args.json:
         d = res.to_dict()
         d["wall_s"] = wall
+        d["runtime"] = "inprocess"
         print(json.dumps(d))
     else:
         sys.stdout.write("\n")
-        spec_stats = ""
-        if spec.method != "ar":
-            spec_stats = f", tau {m.tau:.2f}, acceptance {m.acceptance_rate:.2f}"
-            if spec.method == "mirror":
-                spec_stats += f", hit rate {m.hit_rate:.2f}"
-        print(f"[{spec.method}: {m.new_tokens} new tokens, {m.tokens_per_s:.1f} tok/s decode{spec_stats}, "
-              f"prefill {m.prompt_tokens} tokens in {m.prefill_s * 1e3:.0f} ms, "
-              f"finish: {res.finish_reason}]", file=sys.stderr)
+        print(_stats_line(spec.method, m.new_tokens, m.tokens_per_s, m.tau, m.acceptance_rate, m.hit_rate,
+                          m.prompt_tokens, m.prefill_s * 1e3, res.finish_reason, "in-process"), file=sys.stderr)
+    return 0
+
+
+def _generate_distributed(args, params, deploy) -> int:
+    """The main path: the runtime of `deploy` (embedded: a local Ray started in-process, target
+    and draft actors on their own cores, the gRPC token channel)."""
+    import asyncio
+
+    from .engine import GenerateArgs
+
+    if not args.json:
+        print(f"[starting the {deploy.name} runtime: Ray, target and draft workers ...]", file=sys.stderr)
+    try:
+        from .models import BundledModelMissing, ModelLoadError
+        from .runtime.cluster import DistributedEngine
+
+        eng = DistributedEngine(deploy)
+    except (BundledModelMissing, ModelLoadError, FileNotFoundError, ValueError) as e:
+        _die(str(e))
+    spec = deploy.speculative
+    tok = eng.tokenizer
+
+    class _LM:
+        tokenizer = tok
+
+    ids = prompt_ids(_LM, args.prompt, args.raw, args.system)
+    try:
+        if len(ids) + params.max_new_tokens + (spec.gamma + 1 if spec.method != "ar" else 0) > eng.context_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                             f"the model's context of {eng.context_len} tokens")
+    except ValueError as e:
+        _die(str(e))
+    text, out_ids, last = [], [], None
+
+    async def run():
+        nonlocal last
+        async for c in eng.generate(GenerateArgs(ids, params, spec), asyncio.Event()):
+            text.append(c.text)
+            out_ids.extend(c.token_ids)
+            if not args.json and c.text:
+                sys.stdout.write(c.text)
+                sys.stdout.flush()
+            if c.finish_reason is not None:
+                last = c
+
+    t0 = time.perf_counter()
+    try:
+        asyncio.run(run())
+    finally:
+        import ray
+
+        eng.runtime.shutdown()
+        ray.shutdown()
+    wall = time.perf_counter() - t0
+    u = last.usage
+    if last.finish_reason == "error":
+        _die(f"generation failed: {last.error}", 1)
+    if args.json:
+        print(json.dumps({"text": "".join(text), "ids": out_ids, "finish_reason": last.finish_reason,
+                          "method": last.method, "runtime": "distributed", "wall_s": wall,
+                          "usage": None if u is None else {k: getattr(u, k) for k in u.__slots__}}))
+    else:
+        sys.stdout.write("\n")
+        print(_stats_line(last.method, u.completion_tokens, u.tokens_per_s, u.tau, u.acceptance_rate,
+                          u.hit_rate, u.prompt_tokens, u.prefill_ms, last.finish_reason,
+                          f"{deploy.name} runtime"), file=sys.stderr)
     return 0
 
 
@@ -290,6 +392,10 @@ def main(argv=None) -> int:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.add_argument("--trace", default=None, metavar="PATH",
                    help="write a Chrome/Perfetto trace of the request to PATH (and a timeline PNG)")
+    g.add_argument("--config", default=None, metavar="YAML",
+                   help="deployment config (default: the embedded local runtime, as deploy/local.yaml)")
+    g.add_argument("--inprocess", action="store_true",
+                   help="reference path for debugging: target and draft in this process, no Ray/gRPC")
     add_spec_args(g)
     g.set_defaults(func=cmd_generate)
 

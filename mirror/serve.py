@@ -15,8 +15,12 @@ import sys
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     from .cli import add_model_args, add_spec_args
 
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=50051, help="port (0 = pick a free one)")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="deployment config (deploy/*.yaml): serve through the distributed runtime - Ray "
+                        "actors for the target and draft, the gRPC token channel. Without it the model "
+                        "runs in this process.")
+    p.add_argument("--host", default=None, help="address to bind (default: the config's, else loopback)")
+    p.add_argument("--port", type=int, default=None, help="port (0 = pick a free one; default 50051)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_model_args(p)
     add_spec_args(p)  # --method etc.: the default for requests that name no method
@@ -24,6 +28,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def build_engine(args):
     from .cli import load_from_args, spec_from_args
+
+    if args.config:
+        from .cli import deployment_from_args
+        from .runtime.cluster import DistributedEngine
+
+        deploy = deployment_from_args(args)
+        args.host = args.host or deploy.server.host
+        args.port = deploy.server.port if args.port is None else args.port
+        return DistributedEngine(deploy)
     from .engine import LocalEngine
 
     spec = spec_from_args(args)
@@ -35,7 +48,13 @@ def run(args) -> int:
     from .server import serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = build_engine(args)
+    try:
+        engine = build_engine(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mirror: error: {e}", file=sys.stderr)
+        return 2
+    args.host = args.host or "127.0.0.1"
+    args.port = 50051 if args.port is None else args.port
     try:
         asyncio.run(serve(engine, args.host, args.port))
     except OSError as e:

@@ -79,3 +79,8 @@ def test_kuberay_manifests_match_the_multi_node_config(name):
 
 def test_default_draft_resource_is_not_rays_npu():
     assert DEFAULT_DRAFT_RESOURCE != "NPU"
+
+
+def test_local_yaml_equals_the_built_in_embedded_default():
+    """`mirror generate` without --config uses DeploymentConfig.local(); keep it = deploy/local.yaml."""
+    assert DeploymentConfig.load(str(DEPLOY / "local.yaml")).to_dict() == DeploymentConfig.local().to_dict()

@@ -295,9 +295,13 @@ class DraftChannelClient:
     """The target's end of one session at a time (open -> signals/verdicts -> close)."""
 
     def __init__(self, target: str = "127.0.0.1:50052", channel: grpc.Channel | None = None,
-                 session_timeout: float | None = None):
-        """`session_timeout`: a deadline in seconds for each whole session (None = none)."""
+                 session_timeout: float | None = None, reply_timeout: float | None = None):
+        """`session_timeout`: a deadline in seconds for each whole session (None = none).
+        `reply_timeout`: how long to wait for any one draft reply; a draft slower than this is
+        treated as stalled (ChannelError), which the runtime turns into target-only decoding."""
         self.session_timeout = session_timeout
+        self.reply_timeout = reply_timeout
+        self._inbox: queue.SimpleQueue | None = None
         self.channel = channel or grpc.insecure_channel(target, options=_GRPC_OPTIONS)
         self._own_channel = channel is None
         self.stub = channel_pb2_grpc.DraftChannelStub(self.channel)
@@ -315,15 +319,29 @@ class DraftChannelClient:
             raise ChannelError("no open session")
         self._out.put(msg)
 
-    def _recv(self, expect: str):
+    def _read(self, call, inbox: queue.SimpleQueue) -> None:
+        """Reader thread: replies (or the stream's end/error) into the inbox, so waits can time out."""
         try:
-            msg = next(self._call)
-        except StopIteration:
-            self._end()
-            raise ChannelError(f"the draft ended the session while the target waited for {expect}") from None
+            for msg in call:
+                inbox.put(msg)
+            inbox.put(StopIteration())
         except grpc.RpcError as e:
+            inbox.put(e)
+
+    def _recv(self, expect: str):
+        if self._inbox is None:
+            raise ChannelError("no open session")
+        try:
+            msg = self._inbox.get(timeout=self.reply_timeout)
+        except queue.Empty:
+            self._end(cancel=True)
+            raise ChannelError(f"the draft stalled: no {expect} within {self.reply_timeout:.3f} s") from None
+        if isinstance(msg, StopIteration):
             self._end()
-            raise ChannelError(f"draft channel broke: {e.code().name}: {e.details()}") from None
+            raise ChannelError(f"the draft ended the session while the target waited for {expect}")
+        if isinstance(msg, grpc.RpcError):
+            self._end()
+            raise ChannelError(f"draft channel broke: {msg.code().name}: {msg.details()}")
         kind = msg.WhichOneof("kind")
         if kind == "error":
             self._end()
@@ -348,6 +366,9 @@ class DraftChannelClient:
         self.session_id = session_id or uuid.uuid4().hex
         self._out = queue.SimpleQueue()
         self._call = self.stub.Session(iter(self._out.get, _END), timeout=self.session_timeout)
+        self._inbox = queue.SimpleQueue()
+        threading.Thread(target=self._read, args=(self._call, self._inbox), daemon=True,
+                         name="draft-channel-reader").start()
         self._send(pb.TargetMessage(open=pb.Open(
             session_id=self.session_id, prompt_ids=prompt_ids, first_token=first_token, gamma=gamma,
             spec=spec_to_proto(spec), sampling=sampling_to_proto(params), ack_signals=ack_signals)))
@@ -387,7 +408,7 @@ class DraftChannelClient:
             self._out.put(_END)
         if cancel and self._call is not None:
             self._call.cancel()
-        self._out, self._call, self.session_id = None, None, None
+        self._out, self._call, self.session_id, self._inbox = None, None, None, None
 
     def shutdown(self) -> None:
         """Cancel any session and close the gRPC channel if this client made it."""

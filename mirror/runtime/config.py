@@ -132,6 +132,15 @@ class DeploymentConfig:
                    speculative=spec, **d)
 
     @classmethod
+    def local(cls) -> "DeploymentConfig":
+        """The embedded default - the same as deploy/local.yaml (a test keeps them equal), so
+        `mirror generate` works from an installed package too."""
+        return cls(name="local", placement="STRICT_PACK",
+                   target=TargetConfig(num_cpus=1, threads=1, cpu_affinity=[0]),
+                   draft=DraftConfig(num_cpus=1, threads=1, cpu_affinity=[1], deadline_ms=2000.0),
+                   speculative=SpecConfig(method="mirror", draft="ngram", gamma=5, kappa=8, budget=16))
+
+    @classmethod
     def load(cls, path: str) -> "DeploymentConfig":
         import yaml
 
