@@ -85,10 +85,57 @@ class InProcessEngine:
         return generate(self.model, self.tokenizer, prompt_ids, params, spec, drafter=drafter)
 
 
-ENGINES: dict[str, Callable[..., Engine]] = {"inprocess": InProcessEngine}
+class DistributedBenchEngine:
+    """The distributed runtime (Ray actors + the gRPC token channel) of a deployment config,
+    embedded by default: every method, `ar` included, runs on the target worker (its own
+    cores), the draft on the draft worker. Each call is one request end to end."""
+
+    name = "distributed"
+
+    def __init__(self, lm, config: str | None = None):
+        import dataclasses
+
+        from mirror.runtime.cluster import DistributedEngine
+        from mirror.runtime.config import DeploymentConfig
+
+        deploy = DeploymentConfig.load(config) if config else DeploymentConfig.local()
+        self.tokenizer = lm.tokenizer
+        self.engine = DistributedEngine(dataclasses.replace(deploy, model=deploy.model))
+        self.deploy = deploy
+
+    def generate(self, prompt_ids, params, spec):
+        import asyncio
+
+        from mirror.decoding.result import GenerationResult, Metrics
+        from mirror.engine import GenerateArgs
+        from mirror.spec_config import SpecConfig
+
+        spec = spec or SpecConfig(method="ar")
+
+        async def go():
+            async for _ in self.engine.generate(GenerateArgs(prompt_ids, params, spec), asyncio.Event()):
+                pass
+
+        asyncio.run(go())
+        final = self.engine.completed[-1]
+        if final.get("finish_reason") == "error":
+            raise RuntimeError(final.get("error"))
+        md = dict(final["metrics"])
+        m = Metrics(**{k: md[k] for k in Metrics.__dataclass_fields__ if k in md})
+        m.extra["degraded"] = final.get("degraded")
+        return GenerationResult(final["ids"], self.tokenizer.decode(final["ids"]), final["finish_reason"], m,
+                                method=spec.method)
+
+    def close(self) -> None:
+        import ray
+
+        self.engine.runtime.shutdown()
+        ray.shutdown()
+
+
+ENGINES: dict[str, Callable[..., Engine]] = {"inprocess": InProcessEngine, "distributed": DistributedBenchEngine}
 # Runtimes the CLI offers before they exist, with what to say when asked for.
-UNAVAILABLE = {"distributed": "the distributed runtime is not available yet; use --runtime inprocess "
-                              "(a distributed engine plugs in with benchmarks.bench.register_engine)"}
+UNAVAILABLE: dict[str, str] = {}
 
 
 def register_engine(name: str, factory: Callable[..., Engine]) -> None:
@@ -330,7 +377,10 @@ def add_args(p) -> None:
                    help="method[:draft][@key=value,...], e.g. ar sd:ngram mirror:ngram+self@gamma=7")
     p.add_argument("--spec", default=None, help='SpecConfig fields as JSON for all methods, e.g. \'{"gamma": 5}\'')
     p.add_argument("--spec-file", default=None, help="SpecConfig fields as a JSON file")
-    p.add_argument("--runtime", default="inprocess", choices=sorted(set(ENGINES) | set(UNAVAILABLE)))
+    p.add_argument("--runtime", default="inprocess", choices=sorted(set(ENGINES) | set(UNAVAILABLE)),
+                   help="inprocess: both pipelines in this process; distributed: the Ray/gRPC runtime "
+                        "of --config (default: the embedded local deployment)")
+    p.add_argument("--config", default=None, metavar="YAML", help="deployment config for --runtime distributed")
     p.add_argument("--out", default="runs/bench", help="output folder")
     p.add_argument("--warmup", type=int, default=1, help="warm-up generations per method")
     p.add_argument("--peers", action="store_true",
@@ -377,7 +427,7 @@ def cmd_bench(args) -> int:
     if args.runtime not in ENGINES:
         _die(UNAVAILABLE.get(args.runtime, f"unknown runtime {args.runtime!r}"))
     lm = load_from_args(args)
-    engine = ENGINES[args.runtime](lm)
+    engine = ENGINES[args.runtime](lm, args.config) if args.runtime == "distributed" else ENGINES[args.runtime](lm)
     methods = [Method(label, spec, engine) for label, spec in parsed]
     if args.peers:
         from .peers import PeersUnavailable, peer_methods
@@ -419,6 +469,8 @@ def cmd_bench(args) -> int:
         for p in write_profile(prof, args.out).values():
             print(f"exit profile: {p}")
     print(f"wrote {', '.join(paths.values())}")
+    if hasattr(engine, "close"):
+        engine.close()
     return 0
 
 

@@ -146,7 +146,7 @@ def cmd_generate(args) -> int:
         _die("the prompt is empty")
     params = sampling_from_args(args)
     deploy = deployment_from_args(args)
-    if args.inprocess or args.trace:
+    if args.inprocess:
         return _generate_inprocess(args, params, deploy.speculative)
     return _generate_distributed(args, params, deploy)
 
@@ -232,7 +232,10 @@ def _generate_distributed(args, params, deploy) -> int:
 
     t0 = time.perf_counter()
     try:
+        origin = eng.runtime.start_trace() if args.trace else None
         asyncio.run(run())
+        if args.trace:
+            _save_trace(eng.runtime.stop_trace(origin), args.trace)
     finally:
         import ray
 

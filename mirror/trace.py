@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
-__all__ = ["Recorder", "enabled", "instant", "recording", "span", "traced"]
+__all__ = ["Recorder", "enabled", "instant", "merge", "recording", "span", "start", "stop", "traced"]
 
 
 class _NoSpan:
@@ -49,10 +49,12 @@ _NO_SPAN = _NoSpan()
 class Recorder:
     """Collects events while it is the active recorder. Thread-safe."""
 
-    def __init__(self):
+    def __init__(self, origin_ns: int | None = None):
+        """`origin_ns`: time zero (perf_counter_ns); pass one origin to the recorders of several
+        processes on a machine so their events line up when merged."""
         self.events: list[dict] = []
         self._lock = threading.Lock()
-        self.origin_ns = time.perf_counter_ns()
+        self.origin_ns = time.perf_counter_ns() if origin_ns is None else origin_ns
 
     def _ts(self, ns: int) -> float:
         return (ns - self.origin_ns) / 1e3  # Chrome trace timestamps are microseconds
@@ -154,6 +156,27 @@ def traced(name: str, cat: str = "", args: Callable[..., dict] | None = None):
         return inner
 
     return wrap
+
+
+def start(origin_ns: int | None = None) -> Recorder:
+    """Begin recording in this process (e.g. in a worker, at the driver's request)."""
+    global _active
+    _active = Recorder(origin_ns)
+    return _active
+
+
+def stop() -> list[dict]:
+    """End recording in this process; returns the raw events (to merge elsewhere)."""
+    global _active
+    rec, _active = _active, None
+    return list(rec.events) if rec is not None else []
+
+
+def merge(events: list[dict], origin_ns: int | None = None) -> Recorder:
+    """A Recorder holding events recorded in several processes (for chrome_events/save)."""
+    rec = Recorder(origin_ns)
+    rec.events.extend(events)
+    return rec
 
 
 @contextmanager

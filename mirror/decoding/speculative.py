@@ -65,25 +65,42 @@ def generate_speculative(target: TargetPipeline, draft: DraftPipeline, tokenizer
     def gamma_left() -> int:  # no point drafting past max_new_tokens
         return max(0, min(spec.gamma, params.max_new_tokens - len(out.ids) - 1))
 
+    # where the step time goes, seen from the target (sums over steps; `window_s` is the wait
+    # for the next window: draft work not hidden under the suffix, plus the channel)
+    tm = {"prefix_s": 0.0, "suffix_s": 0.0, "verify_s": 0.0, "signal_s": 0.0, "window_s": 0.0, "first_window_s": 0.0}
+    clock = time.perf_counter
     done = out.push([root])
-    window = draft.start(prompt_ids + [root], gamma_left()) if not done else None
+    if not done:
+        c = clock()
+        window = draft.start(prompt_ids + [root], gamma_left())
+        tm["first_window_s"] = clock() - c
     while not done:
         if should_stop is not None and should_stop():
             out.finish("cancelled")
             break
+        c0 = clock()
         if spec.method == "mirror":
             signal = target.prefix(root, window)
+            c1 = clock()
             trace.instant("channel.send_signal", "channel", step=signal.step)
             draft.on_signal(signal)
+            c2 = clock()
             verdict = target.suffix()
+            c3 = clock()
+            tm["prefix_s"] += c1 - c0
+            tm["signal_s"] += c2 - c1
+            tm["suffix_s"] += c3 - c2
         else:
             verdict = target.verify(root, window)
+            tm["verify_s"] += clock() - c0
         trace.instant("channel.send_verdict", "channel", step=verdict.step, accepted=verdict.accepted)
         committed = window.ids[:verdict.accepted] + [verdict.token]
         done = out.push(committed)
         root = verdict.token
         if not done:
+            c4 = clock()
             window = draft.on_verdict(verdict, gamma_left())
+            tm["window_s"] += clock() - c4
     m = target.metrics
     m.prefill_s = t1 - t0
     m.decode_s = time.perf_counter() - t1
@@ -92,6 +109,8 @@ def generate_speculative(target: TargetPipeline, draft: DraftPipeline, tokenizer
     m.draft_tokens_computed, m.draft_tokens_used = st.computed, st.used
     m.hits, m.misses = st.hits, st.misses
     m.extra["branches"] = st.branches
+    m.extra["timing"] = tm
+    m.extra["draft_timing"] = {"expand_s": st.expand_s, "overrun_s": st.overrun_s, "verdict_s": st.verdict_s}
     if st.by_source:
         m.extra["windows_by_source"] = dict(st.by_source)
     if hasattr(draft.drafter, "by_source"):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent import futures
@@ -106,7 +107,8 @@ def window_from_proto(msg: pb.DraftWindow) -> DraftWindow:
 
 
 def stats_from_proto(msg: pb.DraftStats) -> DraftStats:
-    return DraftStats(msg.computed, msg.used, msg.hits, msg.misses, msg.branches, dict(msg.by_source))
+    return DraftStats(msg.computed, msg.used, msg.hits, msg.misses, msg.branches, dict(msg.by_source),
+                      msg.expand_s, msg.overrun_s, msg.verdict_s)
 
 
 # --- draft side --------------------------------------------------------------------------------
@@ -170,7 +172,9 @@ class _Session:
         if self.expansion is not None:
             self.stop.set()
             fut, self.expansion = self.expansion, None
+            t = time.perf_counter()
             fut.result()  # re-raises a failed expansion
+            self.pipeline.drafter.stats.overrun_s += time.perf_counter() - t  # rollouts past the verdict
 
     def on_verdict(self, verdict: Verdict, gamma: int) -> DraftWindow:
         self._finish_expansion()
@@ -180,7 +184,8 @@ class _Session:
     def stats(self) -> pb.DraftStats:
         st = self.pipeline.drafter.totals()
         return pb.DraftStats(computed=st.computed, used=st.used, hits=st.hits, misses=st.misses,
-                             branches=st.branches, by_source={str(k): int(v) for k, v in st.by_source.items()})
+                             branches=st.branches, by_source={str(k): int(v) for k, v in st.by_source.items()},
+                             expand_s=st.expand_s, overrun_s=st.overrun_s, verdict_s=st.verdict_s)
 
     def close(self) -> None:
         """Idempotent; from the handler thread or gRPC's termination callback."""

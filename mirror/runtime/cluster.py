@@ -103,6 +103,22 @@ class Runtime:
             log.warning("draft worker unavailable: %s", e)
             return None
 
+    def start_trace(self) -> int:
+        """Record spans in every worker from now on (one shared time origin); returns it."""
+        import time
+
+        origin = time.perf_counter_ns()
+        ray.get([w.start_trace.remote(origin) for w in self.targets] + [self.draft.start_trace.remote(origin)])
+        return origin
+
+    def stop_trace(self, origin: int):
+        """The workers' events merged into one Recorder (processes are lanes in the trace)."""
+        from .. import trace
+
+        events = [e for evs in ray.get([w.stop_trace.remote() for w in self.targets] +
+                                       [self.draft.stop_trace.remote()]) for e in evs]
+        return trace.merge(events, origin)
+
     def info(self) -> dict:
         return {"target": ray.get([w.info.remote() for w in self.targets]),
                 "draft": ray.get(self.draft.info.remote(), timeout=30)}

@@ -173,6 +173,16 @@ class DraftWorker:
     def address(self) -> str:
         return self.addr
 
+    def start_trace(self, origin_ns: int) -> None:
+        from .. import trace
+
+        trace.start(origin_ns)
+
+    def stop_trace(self) -> list[dict]:
+        from .. import trace
+
+        return trace.stop()
+
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "placement": self.placement, "sessions": len(self.server.servicer.sessions),
@@ -223,6 +233,16 @@ class TargetWorker:
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "rank": self.rank,
                 "placement": self.placement, "sessions": self._active}
+
+    def start_trace(self, origin_ns: int) -> None:
+        from .. import trace
+
+        trace.start(origin_ns)
+
+    def stop_trace(self) -> list[dict]:
+        from .. import trace
+
+        return trace.stop()
 
     def cancel(self, request_id: str) -> bool:
         ev = self._cancel.get(request_id)

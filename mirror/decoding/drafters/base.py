@@ -28,6 +28,11 @@ class DraftStats:
     misses: int = 0
     branches: int = 0  # hypotheses expanded
     by_source: dict = field(default_factory=dict)
+    # draft-side time (seconds): branch rollouts, rollouts still running after the verdict
+    # arrived (they finish their batch), and turning a verdict into the next window
+    expand_s: float = 0.0
+    overrun_s: float = 0.0
+    verdict_s: float = 0.0
 
 
 @dataclass(slots=True)

@@ -29,7 +29,8 @@ class CombinedDrafter(Drafter):
         t = DraftStats(computed=self.ngram.stats.computed + self.net.stats.computed,
                        used=self.ngram.stats.used + self.net.stats.used,
                        hits=self.stats.hits, misses=self.stats.misses,
-                       branches=self.net.stats.branches, by_source=dict(self.by_source))
+                       branches=self.net.stats.branches, by_source=dict(self.by_source),
+                       expand_s=self.stats.expand_s, overrun_s=self.stats.overrun_s, verdict_s=self.stats.verdict_s)
         return t
 
     def _use(self, w: DraftWindow) -> DraftWindow:

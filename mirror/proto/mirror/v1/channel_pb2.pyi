@@ -151,7 +151,7 @@ class Error(_message.Message):
     def __init__(self, message: _Optional[str] = ...) -> None: ...
 
 class DraftStats(_message.Message):
-    __slots__ = ("computed", "used", "hits", "misses", "branches", "by_source")
+    __slots__ = ("computed", "used", "hits", "misses", "branches", "by_source", "expand_s", "overrun_s", "verdict_s")
     class BySourceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -165,13 +165,19 @@ class DraftStats(_message.Message):
     MISSES_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
     BY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    EXPAND_S_FIELD_NUMBER: _ClassVar[int]
+    OVERRUN_S_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_S_FIELD_NUMBER: _ClassVar[int]
     computed: int
     used: int
     hits: int
     misses: int
     branches: int
     by_source: _containers.ScalarMap[str, int]
-    def __init__(self, computed: _Optional[int] = ..., used: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., branches: _Optional[int] = ..., by_source: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    expand_s: float
+    overrun_s: float
+    verdict_s: float
+    def __init__(self, computed: _Optional[int] = ..., used: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., branches: _Optional[int] = ..., by_source: _Optional[_Mapping[str, int]] = ..., expand_s: _Optional[float] = ..., overrun_s: _Optional[float] = ..., verdict_s: _Optional[float] = ...) -> None: ...
 
 class DraftMessage(_message.Message):
     __slots__ = ("window", "ready", "error", "stats")

@@ -1,0 +1,103 @@
+"""Where a distributed Mirror-SD step's time goes: target stages, the channel, and how much of
+the draft's work is hidden under the target suffix.
+
+    python -m benchmarks.runtime_overlap [--config deploy/local.yaml] [--per-category 2]
+        [--max-new-tokens 128] [--spec '{"draft": "ngram+self"}'] [--out runs/overlap.json]
+
+Per request the target side records (seconds, summed over steps): prefix, signal send, suffix,
+and the wait for the next window after sending the verdict; the draft side records branch
+rollouts (expand), the part of them that ran past the verdict's arrival (overrun: it finishes
+its batch first), and turning verdicts into windows (a dict lookup on a hit, serial drafting on
+a miss). From these:
+  hidden fraction  = (expand - overrun) / (expand + verdict): draft compute done while the
+                     target was busy with its suffix;
+  channel time     = window wait - (overrun + verdict) + signal send: time on the wire and in
+                     the gRPC stacks, not in either model;
+  channel share    = channel time / decode time.
+The token-channel round trip itself is measured by benchmarks/channel_latency.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--questions", default=None)
+    ap.add_argument("--per-category", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--spec", default=None, help="SpecConfig overrides as JSON")
+    ap.add_argument("--out", default="runs/overlap.json")
+    args = ap.parse_args(argv)
+
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from mirror.models.loader import load_tokenizer
+    from mirror.runtime.config import DeploymentConfig
+    from mirror.sampling import SamplingParams
+
+    from .bench import DistributedBenchEngine
+    from .specbench import load_questions, select
+
+    deploy = DeploymentConfig.load(args.config) if args.config else DeploymentConfig.local()
+    spec = deploy.speculative
+    if args.spec:
+        spec = dataclasses.replace(spec, **json.loads(args.spec))
+    spec = dataclasses.replace(spec, method="mirror")
+    tok, _ = load_tokenizer(deploy.model)
+
+    class _LM:
+        tokenizer = tok
+
+    eng = DistributedBenchEngine(_LM, args.config)
+    qs = select(load_questions(args.questions), args.per_category)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    tot = {k: 0.0 for k in ("prefix_s", "suffix_s", "signal_s", "window_s", "first_window_s", "decode_s",
+                            "expand_s", "overrun_s", "verdict_s")}
+    steps = hits = misses = tokens = 0
+    t0 = time.time()
+    try:
+        for q in tqdm(qs, desc="requests"):
+            ids = tok.encode_chat([{"role": "user", "content": q["turns"][0]}])
+            res = eng.generate(ids, params, spec)
+            m = res.metrics
+            for k, v in m.extra.get("timing", {}).items():
+                tot[k] = tot.get(k, 0.0) + v
+            for k, v in m.extra.get("draft_timing", {}).items():
+                tot[k] += v
+            tot["decode_s"] += m.decode_s
+            steps += m.target_steps
+            hits += m.hits
+            misses += m.misses
+            tokens += m.new_tokens
+    finally:
+        eng.close()
+    draft_total = tot["expand_s"] + tot["verdict_s"]
+    exposed = tot["overrun_s"] + tot["verdict_s"]
+    channel = max(0.0, tot["window_s"] - exposed) + tot["signal_s"]
+    out = {
+        "config": args.config or "local (embedded)", "spec": spec.to_dict(), "questions": len(qs),
+        "steps": steps, "tokens": tokens, "tau": (tokens - len(qs)) / steps if steps else 0.0,
+        "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+        "per_step_ms": {k: 1e3 * v / max(steps, 1) for k, v in tot.items()},
+        "hidden_fraction": (tot["expand_s"] - tot["overrun_s"]) / draft_total if draft_total else 0.0,
+        "channel_share_of_step": channel / tot["decode_s"] if tot["decode_s"] else 0.0,
+        "channel_ms_per_step": 1e3 * channel / max(steps, 1),
+        "tokens_per_s": tokens / tot["decode_s"] if tot["decode_s"] else 0.0,
+        "elapsed_s": time.time() - t0,
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
