@@ -38,7 +38,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_spec_args(p: argparse.ArgumentParser, default_method: str = "ar") -> None:
-    from .spec_config import DRAFTS, METHODS, RULES, SpecConfig
+    from .spec_config import DRAFT_BACKENDS, DRAFTS, METHODS, RULES, SpecConfig
 
     d = SpecConfig()
     g = p.add_argument_group("speculative decoding")
@@ -58,6 +58,19 @@ def add_spec_args(p: argparse.ArgumentParser, default_method: str = "ar") -> Non
     g.add_argument("--streams", type=int, default=d.streams, help="speculative-streaming lookahead streams")
     g.add_argument("--stream-layers", type=int, default=d.stream_layers)
     g.add_argument("--rule", default=d.rule, choices=RULES, help="acceptance rule at temperature > 0")
+    o = p.add_argument_group("draft backend (ONNX Runtime)")
+    o.add_argument("--draft-backend", default=d.draft_backend, choices=DRAFT_BACKENDS,
+                   help="where the draft network runs (onnx: ONNX Runtime, see mirror export-draft)")
+    o.add_argument("--onnx-dir", default=None,
+                   help="exported draft folder (default: export on first use into ~/.cache/mirror-sd/onnx)")
+    o.add_argument("--onnx-provider", action="append", default=None, metavar="NAME|JSON",
+                   help="execution provider in priority order (repeatable): a name such as "
+                        "QNNExecutionProvider, or JSON {\"name\": ..., \"options\": {...}} (default: CPU)")
+    o.add_argument("--onnx-strict", action="store_true",
+                   help="fail instead of falling back from the first provider")
+    o.add_argument("--onnx-threads", type=int, default=d.onnx_threads, help="intra-op threads per draft session")
+    o.add_argument("--onnx-max-len", type=int, default=d.onnx_max_len,
+                   help="cache positions of an export made on first use")
 
 
 def spec_from_args(args):
@@ -69,9 +82,27 @@ def spec_from_args(args):
                           confidence=args.confidence, draft_layers=args.draft_layers,
                           draft_model=args.draft_model, adapter=args.adapter, exit_head=args.exit_head,
                           vocab_trim=args.vocab_trim, streams=args.streams, stream_layers=args.stream_layers,
-                          rule=args.rule)
+                          rule=args.rule, draft_backend=args.draft_backend, onnx_dir=args.onnx_dir,
+                          onnx_providers=_providers(args.onnx_provider), onnx_strict=args.onnx_strict,
+                          onnx_threads=args.onnx_threads, onnx_max_len=args.onnx_max_len)
     except ValueError as e:
         _die(str(e))
+
+
+def _providers(entries):
+    """--onnx-provider values: names, or JSON objects with options."""
+    if not entries:
+        return None
+    out = []
+    for e in entries:
+        if e.lstrip().startswith("{"):
+            try:
+                out.append(json.loads(e))
+            except json.JSONDecodeError as err:
+                _die(f"--onnx-provider {e!r} is not valid JSON: {err}")
+        else:
+            out.append(e)
+    return out
 
 
 def sampling_from_args(args):
@@ -144,6 +175,44 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export_draft(args) -> int:
+    from .spec_config import SpecConfig
+
+    try:
+        spec = SpecConfig(method="mirror", draft=args.draft, draft_layers=args.draft_layers,
+                          draft_model=args.draft_model, adapter=args.adapter, vocab_trim=args.vocab_trim,
+                          streams=args.streams, stream_layers=args.stream_layers)
+    except ValueError as e:
+        _die(str(e))
+    lm = load_from_args(args)
+    try:
+        from .onnx.export import export_from_spec
+    except ImportError as e:
+        _die(f"{e}; install the ONNX extra: pip install 'mirror-sd[onnx]'")
+    t0 = time.perf_counter()
+    try:
+        meta = export_from_spec(lm.model, spec, args.out, kind=args.draft, rows=args.rows,
+                                step_width=args.step_width, max_len=args.max_len,
+                                branch_slots=args.branch_slots, opset=args.opset)
+    except (ValueError, FileNotFoundError) as e:
+        _die(str(e))
+    sh = meta["shapes"]
+    if args.json:
+        print(json.dumps(meta))
+        return 0
+    print(f"exported {args.draft} draft ({meta['draft']['cache_layers']} layers, vocab {sh['vocab']}) to "
+          f"{args.out} in {time.perf_counter() - t0:.1f} s")
+    print(f"  rows {sh['rows']}, step widths {sh['step_widths']}, max_len {sh['max_len']}, branch slots "
+          f"{sh['branch_slots']}, {meta['dtype']}, opset {meta['opset']}")
+    for name, g in meta["graphs"].items():
+        print(f"  {g['file']}")
+    print(f"  {meta['weights']['file']} ({meta['weights']['bytes'] / 1e6:.1f} MB, shared by all graphs)")
+    if meta["vocab_trim"]:
+        print(f"  {meta['vocab_trim']['file']} ({meta['vocab_trim']['size']} tokens)")
+    print("  draft.json (metadata)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mirror", description="Mirror speculative decoding runtime")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -156,6 +225,23 @@ def main(argv=None) -> int:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     add_spec_args(g)
     g.set_defaults(func=cmd_generate)
+    e = sub.add_parser("export-draft", help="export a draft network to ONNX (static shapes) for ONNX Runtime")
+    add_model_args(e)
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--draft", default="self", choices=["self", "model", "streaming"])
+    e.add_argument("--draft-layers", type=int, default=4, help="self-draft depth k (target layers [0, k))")
+    e.add_argument("--draft-model", default=None, help="separate draft model (GGUF or HF folder)")
+    e.add_argument("--adapter", default=None, help="trained draft artifact (safetensors)")
+    e.add_argument("--vocab-trim", default=None, help="VocabTrim token set (JSON): trimmed head")
+    e.add_argument("--streams", type=int, default=0, help="speculative-streaming streams (default 2)")
+    e.add_argument("--stream-layers", type=int, default=1)
+    e.add_argument("--rows", type=int, default=8, help="hypothesis rows R of the branch graph")
+    e.add_argument("--step-width", type=int, default=64, help="tokens T per chunk call (a 1-token graph is added)")
+    e.add_argument("--max-len", type=int, default=2048, help="KV cache positions")
+    e.add_argument("--branch-slots", type=int, default=18, help="own-token slots per hypothesis row (>= gamma)")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    e.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    e.set_defaults(func=cmd_export_draft)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -61,6 +61,10 @@ def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams,
     net_kind = next((k for k in kinds if k != "ngram"), None)
     network = None
     if net_kind is not None:
+        if net is None and spec.draft_backend == "onnx":
+            from ..onnx.runtime import ort_draft_for_spec
+
+            net = ort_draft_for_spec(target, spec, net_kind)
         net = net or build_draft_net(target, spec, net_kind)
         if net_kind == "streaming":
             from .drafters.streaming import StreamingDrafter

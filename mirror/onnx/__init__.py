@@ -7,9 +7,15 @@ provider (NPU / GPU / CPU) as a drop-in `DraftNet`.
 Needs the `onnx` extra (onnxruntime, onnx, onnxscript); nothing here is imported by the rest
 of the package unless the ONNX backend is asked for.
 """
-from .export import export_draft, export_from_spec, read_metadata
-from .providers import ProviderFallbackError, ProviderFallbackWarning, parse_providers
-from .runtime import OrtDraftNet
+_EXPORTS = {"OrtDraftNet": "runtime", "export_draft": "export", "export_from_spec": "export",
+            "read_metadata": "export", "parse_providers": "providers",
+            "ProviderFallbackError": "providers", "ProviderFallbackWarning": "providers"}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["OrtDraftNet", "ProviderFallbackError", "ProviderFallbackWarning", "export_draft",
-           "export_from_spec", "parse_providers", "read_metadata"]
+
+def __getattr__(name):  # lazy: SpecConfig validation imports providers without the runtime
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

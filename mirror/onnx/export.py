@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -117,8 +119,16 @@ def _signature(model) -> dict:
 
 
 def _export_graph(module, args, input_names, output_names, opset: int | None):
-    prog = torch.onnx.export(module.eval(), args, input_names=input_names, output_names=output_names,
-                             dynamo=True, opset_version=opset, verbose=False, optimize=True)
+    quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed" notes, per export
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            prog = torch.onnx.export(module.eval(), args, input_names=input_names, output_names=output_names,
+                                     dynamo=True, opset_version=opset, verbose=False, optimize=True)
+    finally:
+        quiet.setLevel(level)
     return prog.model_proto
 
 
@@ -250,17 +260,101 @@ def draft_source(spec, kind: str, layers: int | None) -> dict:
     return src
 
 
-def export_from_spec(target, spec, out_dir: str, kind: str | None = None, **shapes) -> dict:
+def network_kind(spec) -> str:
+    kind = next((k for k in spec.draft.split("+") if k != "ngram"), None)
+    if kind is None:
+        raise ValueError(f"draft {spec.draft!r} has no network to export (n-gram drafts need no ONNX)")
+    return kind
+
+
+def export_from_spec(target, spec, out_dir: str, kind: str | None = None, net=None, **shapes) -> dict:
     """Build the draft a SpecConfig describes (self / model / streaming) and export it."""
     from ..decoding.factory import build_draft_net
 
-    kind = kind or next((k for k in spec.draft.split("+") if k != "ngram"), None)
-    if kind is None:
-        raise ValueError(f"draft {spec.draft!r} has no network to export (n-gram drafts need no ONNX)")
-    net = build_draft_net(target, spec, kind)
+    kind = kind or network_kind(spec)
+    net = net or build_draft_net(target, spec, kind)
     layers = None if kind == "model" else len(net.blocks) - (1 if _has_adapter(net, target) else 0)
     return export_draft(net, out_dir, target_cfg=target.cfg, kind=kind,
                         source=draft_source(spec, kind, layers), **shapes)
+
+
+def cache_root() -> Path:
+    env = os.environ.get("MIRROR_ONNX_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "mirror-sd" / "onnx"
+
+
+def _weights_sha256(net) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        t = p.detach().contiguous().cpu()
+        h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy())
+    return h.hexdigest()
+
+
+def cached_export(target, spec, kind: str | None = None, rows: int | None = None,
+                  step_width: int = 64, max_len: int | None = None) -> str:
+    """The export folder for this spec's draft, exported on first use under cache_root().
+    The key covers the target config, the draft's weights and settings and the exporter
+    versions, so a changed draft never reuses a stale export."""
+    from ..decoding.factory import build_draft_net
+
+    kind = kind or network_kind(spec)
+    rows, max_len = rows or spec.branch_batch, max_len or spec.onnx_max_len
+    net = build_draft_net(target, spec, kind)
+    v = _versions()
+    key = {"target": config_fingerprint(target.cfg), "weights": _weights_sha256(net), "kind": kind,
+           "streams": [spec.streams, spec.stream_layers] if kind == "streaming" else None,
+           "shapes": [rows, step_width, max_len], "format": VERSION,
+           "versions": [v["torch"], v["onnx"], v["onnxscript"], v["mirror_sd"]]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    out = cache_root() / f"{kind}-{digest}"
+    if (out / META_FILE).is_file():
+        return str(out)
+    import shutil
+    import tempfile
+
+    cache_root().mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{out.name}-", dir=cache_root())
+    try:
+        export_from_spec(target, spec, tmp, kind, net=net, rows=rows, step_width=step_width, max_len=max_len)
+        try:
+            os.rename(tmp, out)  # atomic: a concurrent exporter of the same key loses the race harmlessly
+        except OSError:
+            if not (out / META_FILE).is_file():
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def check_spec(meta: dict, spec, kind: str, layers: int | None) -> None:
+    """An export folder must hold the draft the spec asks for; list every difference."""
+    d, diffs = meta["draft"], []
+    if d["kind"] != kind:
+        diffs.append(f"kind {d['kind']!r} != {kind!r}")
+    if kind != "model" and d.get("layers") != layers:
+        diffs.append(f"draft layers {d.get('layers')} != {layers}")
+    if spec.adapter and (d.get("adapter") or {}).get("sha256") != _file_sha256(spec.adapter):
+        diffs.append(f"adapter {spec.adapter} is not the one exported")
+    if not spec.adapter and d.get("adapter"):
+        diffs.append("the export has an adapter, the spec none")
+    vt = meta.get("vocab_trim")
+    if spec.vocab_trim:
+        from ..decoding.drafters.vocab_trim import VocabTrim
+
+        ids = VocabTrim.load(spec.vocab_trim).keep_ids.tolist()
+        if not vt or vt["sha256"] != hashlib.sha256(json.dumps(ids).encode()).hexdigest():
+            diffs.append(f"vocab trim {spec.vocab_trim} is not the one exported")
+    elif vt:
+        diffs.append("the export has a trimmed vocabulary, the spec none")
+    st = d.get("streams")
+    if kind == "streaming" and st and not spec.adapter and [st["n_streams"], st["n_layers"]] != \
+            [spec.streams or 2, spec.stream_layers]:
+        diffs.append(f"streams {st['n_streams']}x{st['n_layers']} != {spec.streams or 2}x{spec.stream_layers}")
+    if diffs:
+        raise ValueError(f"the ONNX export does not match the speculative config: {'; '.join(diffs)}")
 
 
 def _has_adapter(net, target) -> bool:
