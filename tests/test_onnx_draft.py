@@ -252,8 +252,11 @@ def test_metadata_round_trip(export_dir, bundled, ort_net, tmp_path):
             assert [d.dim_value for d in v.type.tensor_type.shape.dim] == g["inputs"][v.name]["shape"]
         assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer
                    if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 4096)
-    cache_shape = meta["graphs"]["step_t1"]["inputs"]["k_cache"]["shape"]
-    assert cache_shape == [K, 1, 3, MAX_LEN, 64] and tuple(ort_net.new_cache(1, 100).k.shape) == tuple(cache_shape)
+    inputs = meta["graphs"]["step_t1"]["inputs"]
+    assert [n for n in inputs if n.startswith("k_cache")] == [f"k_cache_{i}" for i in range(K)]
+    assert inputs["k_cache_0"]["shape"] == [1, 3, MAX_LEN, 64]  # layer i of the [K, 1, 3, S, 64] host cache
+    assert tuple(ort_net.new_cache(1, 100).k.shape) == (K, 1, 3, MAX_LEN, 64)
+    assert meta["graphs"][f"branch_r{ROWS}"]["inputs"]["k_own_0"]["shape"] == [ROWS, 3, 18, 64]
     # refusals: a different target, too long a context, a foreign or newer metadata file
     with pytest.raises(ValueError, match="exported for target"):
         OrtDraftNet(export_dir, target_cfg=PRESETS["tiny"])

@@ -140,24 +140,25 @@ def graph_plan(net, rows: int, step_widths: list[int], max_len: int, branch_slot
     def buf(*shape):  # a fresh tensor per input: torch.export merges inputs given the same tensor
         return torch.zeros(*shape)
 
-    def cache():
-        return buf(L, 1, Hk, max_len, hd)
+    def caches(rows=1, slots=max_len, names=("k_cache", "v_cache")):
+        """One input per layer and K/V: [rows, Hk, slots, hd] slices of the host buffers."""
+        return ([buf(rows, Hk, slots, hd) for _ in range(L) for _ in names],
+                [f"{n}_{i}" for n in names for i in range(L)])
 
+    kv, kv_names = caches()
     plan = {}
     for T in step_widths:
-        plan[f"step_t{T}"] = (StepGraph, (torch.zeros(1, T, dtype=i64), torch.tensor([1]), torch.tensor([0]),
-                                          cache(), cache()),
-                              ["tokens", "pos0", "last", "k_cache", "v_cache"], ["logits", "k_new", "v_new"])
+        plan[f"step_t{T}"] = (StepGraph, (torch.zeros(1, T, dtype=i64), torch.tensor([1]), torch.tensor([0]), *kv),
+                              ["tokens", "pos0", "last", *kv_names], ["logits", "k_new", "v_new"])
+    own, own_names = caches(rows, branch_slots, ("k_own", "v_own"))
     plan[f"branch_r{rows}"] = (BranchGraph, (torch.zeros(rows, 1, dtype=i64), torch.ones(rows, dtype=i64),
-                                             torch.ones(rows, dtype=i64), cache(), cache(),
-                                             buf(L, rows, Hk, branch_slots, hd), buf(L, rows, Hk, branch_slots, hd)),
-                               ["tokens", "positions", "prefix", "k_cache", "v_cache", "k_own", "v_own"],
-                               ["logits", "k_new", "v_new"])
+                                             torch.ones(rows, dtype=i64), *caches()[0], *own),
+                               ["tokens", "positions", "prefix", *kv_names, *own_names], ["logits", "k_new", "v_new"])
     if net.streams is not None:
         T = 1 + net.streams.n_streams  # a pass feeds the last token + at most gamma_s guesses
         plan[f"stream_t{T}"] = (StreamGraph, (torch.zeros(1, T, dtype=i64), torch.tensor([1]), torch.tensor([1]),
-                                              cache(), cache()),
-                                ["tokens", "pos0", "n_valid", "k_cache", "v_cache"],
+                                              *caches()[0]),
+                                ["tokens", "pos0", "n_valid", *kv_names],
                                 ["logits", "stream_logits", "k_new", "v_new"])
     return plan
 
@@ -218,8 +219,11 @@ def export_draft(net, out_dir: str, *, target_cfg=None, kind: str = "self", rows
                    "dim": net.cfg.dim, "vocab": net.head.out_features,
                    "target_vocab": target_cfg.vocab_size if target_cfg is not None else net.cfg.vocab_size},
         "kv": {"layout": "[n_layers, rows, n_kv_heads, max_len, head_dim]", "update": "new entries only",
-               "note": "graphs read k_cache/v_cache and return k_new/v_new; the runtime writes them at "
-                       "their positions (branch graph: at slot positions - prefix of the row's buffer)"},
+               "note": "the host cache holds every layer in one buffer; graphs take layer i as inputs "
+                       "k_cache_i/v_cache_i [rows, n_kv_heads, max_len, head_dim] (branch rows: "
+                       "k_own_i/v_own_i [R, n_kv_heads, branch_slots, head_dim]), read them, and return "
+                       "k_new/v_new; the runtime writes those at their positions (branch graph: at "
+                       "slot = position - prefix of the row's buffer)"},
         "vocab_trim": vocab_trim,
         "dtype": "float32",
         "opset": max(opsets) if opsets else None,

@@ -5,7 +5,10 @@ Every shape is fixed at export time: L = cache layers, S = max_len (cache positi
 T = step width, R = hypothesis rows, W = branch slots. Lengths and masks come in as tensors.
 
 KV design: the graphs *read* the caches and return only the new entries (`k_new`, `v_new`);
-the runtime writes them into its host buffers at their positions. Attention is split into the
+the runtime writes them into its host buffers at their positions. The host cache is one
+`[L, 1, Hk, S, hd]` buffer per K and V; the graphs take it as one input per layer
+(`k_cache_0..`, `[1, Hk, S, hd]`, each a contiguous slice bound by pointer), because selecting a
+layer out of a single 5-D input makes ONNX Runtime copy the whole cache every call. Attention is split into the
 cached part (keys at positions < pos0, or < prefix[r] for branch rows) and the part produced in
 this call (the new tokens' own keys, causal), joined in one softmax - the `BranchContext` math.
 So the cache is never copied inside the graph and the runtime can bind it by pointer.
@@ -98,12 +101,13 @@ class StepGraph(DraftGraph):
 
     Inputs: tokens [1, T] int64 (padded after the valid ones), pos0 [1] int64 (= cached
     length: keys at positions < pos0 are valid), last [1] int64 (index of the token whose
-    logits are returned), k_cache, v_cache [L, 1, Hk, S, hd].
+    logits are returned), k_cache_0..k_cache_{L-1}, v_cache_0.. [1, Hk, S, hd].
     Outputs: logits [1, V'], k_new, v_new [L, 1, Hk, T, hd]."""
 
-    def forward(self, tokens, pos0, last, k_cache, v_cache):
+    def forward(self, tokens, pos0, last, *kv):
+        k_cache, v_cache = kv[:len(kv) // 2], kv[len(kv) // 2:]
         T = tokens.shape[1]
-        S = k_cache.shape[3]
+        S = k_cache[0].shape[2]
         positions = pos0[:, None] + torch.arange(T)[None]  # [1, T]
         cos, sin = self.rope(positions)
         mask_main = torch.where(torch.arange(S) < pos0, 0.0, NEG)  # [S]
@@ -113,7 +117,7 @@ class StepGraph(DraftGraph):
         ks, vs = [], []
         for i, blk in enumerate(self.blocks):
             q, k, v = self.qkv(blk, h, cos, sin)
-            o = self.attend_row(q, k, v, k_cache[i, 0], v_cache[i, 0], mask_main, mask_own)
+            o = self.attend_row(q, k, v, k_cache[i][0], v_cache[i][0], mask_main, mask_own)
             h = self.finish(blk, h, o)
             ks.append(k.permute(0, 2, 1, 3))
             vs.append(v.permute(0, 2, 1, 3))
@@ -126,13 +130,15 @@ class BranchGraph(DraftGraph):
     main cache at positions < prefix[r], to its own earlier tokens in the branch buffer (slots
     < positions[r] - prefix[r]) and to itself.
 
-    Inputs: tokens [R, 1] int64, positions [R] int64, prefix [R] int64,
-    k_cache, v_cache [L, 1, Hk, S, hd] (the main row), k_own, v_own [L, R, Hk, W, hd].
+    Inputs: tokens [R, 1] int64, positions [R] int64, prefix [R] int64, per layer i:
+    k_cache_i, v_cache_i [1, Hk, S, hd] (the main row), k_own_i, v_own_i [R, Hk, W, hd].
     Outputs: logits [R, V'], k_new, v_new [L, R, Hk, hd] (the entries for slot positions - prefix)."""
 
-    def forward(self, tokens, positions, prefix, k_cache, v_cache, k_own, v_own):
+    def forward(self, tokens, positions, prefix, *kv):
+        L = len(kv) // 4
+        k_cache, v_cache, k_own, v_own = kv[:L], kv[L:2 * L], kv[2 * L:3 * L], kv[3 * L:]
         R = tokens.shape[0]
-        S, W = k_cache.shape[3], k_own.shape[3]
+        S, W = k_cache[0].shape[2], k_own[0].shape[2]
         Hk, n_rep, hd = self.n_kv, self.n_rep, self.hd
         cos, sin = self.rope(positions[:, None])
         mask_main = torch.where(torch.arange(S)[None] < prefix[:, None], 0.0, NEG)  # [R, S]
@@ -145,7 +151,7 @@ class BranchGraph(DraftGraph):
             q, k, v = self.qkv(blk, h, cos, sin)
             qr = q[:, 0].view(R, Hk, n_rep, hd)
             kr, vr = k[:, 0], v[:, 0]  # [R, Hk, hd]
-            mk, mv = k_cache[i, 0], v_cache[i, 0]  # [Hk, S, hd], read once for all rows
+            mk, mv = k_cache[i][0], v_cache[i][0]  # [Hk, S, hd], read once for all rows
             qh = qr.permute(1, 0, 2, 3).reshape(Hk, R * n_rep, hd)
             s1 = torch.matmul(qh, mk.transpose(-1, -2)).view(Hk, R, n_rep, S).permute(1, 0, 2, 3)
             s2 = torch.matmul(qr, k_own[i].transpose(-1, -2))  # [R, Hk, n_rep, W]
@@ -167,13 +173,14 @@ class StreamGraph(DraftGraph):
     """Speculative streaming pass (see streaming.py): T main tokens (n_valid of them real) at
     pos0.., then gamma_s streams after the last real one, which run only in the top N_s blocks.
 
-    Inputs: tokens [1, T], pos0 [1], n_valid [1], k_cache, v_cache [L, 1, Hk, S, hd].
+    Inputs: tokens [1, T], pos0 [1], n_valid [1], k_cache_i, v_cache_i [1, Hk, S, hd].
     Outputs: main logits [T, V'], stream logits [gamma_s, V'], k_new, v_new [L, 1, Hk, T, hd]
     (main tokens only: stream keys are used inside the pass and never cached)."""
 
-    def forward(self, tokens, pos0, n_valid, k_cache, v_cache):
+    def forward(self, tokens, pos0, n_valid, *kv):
+        k_cache, v_cache = kv[:len(kv) // 2], kv[len(kv) // 2:]
         T = tokens.shape[1]
-        S = k_cache.shape[3]
+        S = k_cache[0].shape[2]
         gs = self.streams.n_streams
         L0 = len(self.blocks) - self.streams.n_layers
         idx = torch.arange(T)
@@ -185,7 +192,7 @@ class StreamGraph(DraftGraph):
         ks, vs = [], []
         for i, blk in enumerate(self.blocks[:L0]):
             q, k, v = self.qkv(blk, h, cos, sin)
-            h = self.finish(blk, h, self.attend_row(q, k, v, k_cache[i, 0], v_cache[i, 0], mask_main, mask_own))
+            h = self.finish(blk, h, self.attend_row(q, k, v, k_cache[i][0], v_cache[i][0], mask_main, mask_own))
             ks.append(k.permute(0, 2, 1, 3))
             vs.append(v.permute(0, 2, 1, 3))
         h_last = torch.index_select(h[0], 0, n_valid - 1)  # [1, dim]
@@ -198,7 +205,7 @@ class StreamGraph(DraftGraph):
         cos, sin = self.rope(pp[None])
         for i, blk in enumerate(self.blocks[L0:], start=L0):
             q, k, v = self.qkv(blk, hh, cos, sin)
-            hh = self.finish(blk, hh, self.attend_row(q, k, v, k_cache[i, 0], v_cache[i, 0], mask_main, mask_top))
+            hh = self.finish(blk, hh, self.attend_row(q, k, v, k_cache[i][0], v_cache[i][0], mask_main, mask_top))
             ks.append(k[:, :T].permute(0, 2, 1, 3))
             vs.append(v[:, :T].permute(0, 2, 1, 3))
         logits = self.logits(hh[0])  # [T + gs, V']

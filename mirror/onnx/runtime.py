@@ -83,6 +83,12 @@ class GroupedBranchBuffer:
         cache.v[:, main_row, :, start:start + n_slots] = self.v[g, :, r, :, :n_slots]
 
 
+def _layers(k: torch.Tensor, v: torch.Tensor, names=("k_cache", "v_cache")) -> dict[str, torch.Tensor]:
+    """[L, ...] host buffers -> the graphs' per-layer inputs (contiguous views, no copy)."""
+    return {**{f"{names[0]}_{i}": k[i] for i in range(k.shape[0])},
+            **{f"{names[1]}_{i}": v[i] for i in range(v.shape[0])}}
+
+
 def plan_chunks(n: int, widths: list[int], call_cost: float) -> list[int]:
     """Step widths covering n tokens at the least cost, one call costing `call_cost` tokens of
     work plus its width (padding included). A call reads every weight once, so its fixed cost
@@ -203,7 +209,7 @@ class OrtDraftNet:
             t = torch.zeros(1, w, dtype=torch.long)
             t[0, :m] = toks[i:i + m]
             out = self._step[w].run(tokens=t, pos0=torch.tensor([p0 + i]), last=torch.tensor([m - 1]),
-                                    k_cache=cache.k, v_cache=cache.v)
+                                    **_layers(cache.k, cache.v))
             cache.k[:, 0, :, p0 + i:p0 + i + m] = out["k_new"][:, 0, :, :m]
             cache.v[:, 0, :, p0 + i:p0 + i + m] = out["v_new"][:, 0, :, :m]
             i += m
@@ -233,8 +239,8 @@ class OrtDraftNet:
                 tk[j0:j0 + m, 0] = tokens[r:r + m, -1]
                 ps[j0:j0 + m] = pos[r:r + m]
                 pf[j0:j0 + m] = prefix[r:r + m]
-                out = self._branch.run(tokens=tk, positions=ps, prefix=pf, k_cache=cache.k, v_cache=cache.v,
-                                       k_own=buf.k[g], v_own=buf.v[g])
+                out = self._branch.run(tokens=tk, positions=ps, prefix=pf, **_layers(cache.k, cache.v),
+                                       **_layers(buf.k[g], buf.v[g], ("k_own", "v_own")))
                 idx = torch.arange(j0, j0 + m)
                 s = slots[r:r + m]
                 buf.k[g][:, idx, :, s] = out["k_new"][:, idx].transpose(0, 1)  # -> [m, L, Hk, hd]
@@ -258,7 +264,7 @@ class OrtDraftNet:
         t[0, :n] = tokens[0]
         with self._lock:
             out = self._stream.run(tokens=t, pos0=torch.tensor([p0]), n_valid=torch.tensor([n]),
-                                   k_cache=cache.k, v_cache=cache.v)
+                                   **_layers(cache.k, cache.v))
             cache.k[:, 0, :, p0:p0 + n] = out["k_new"][:, 0, :, :n]
             cache.v[:, 0, :, p0:p0 + n] = out["v_new"][:, 0, :, :n]
             return out["logits"][:n].clone(), out["stream_logits"].clone()
