@@ -283,3 +283,74 @@ def test_chunk_plan_prefers_few_padded_calls():
     assert sum(plan_chunks(100, [1, 8, 64], 32)) >= 100
     assert plan_chunks(5, [1, 16], 0.0) == [1] * 5  # free calls: no padding
     assert np.all(np.array(plan_chunks(200, [1, 16], 32)) > 0)
+
+
+# --- every draft kind, on a tiny seeded target (fast) ---------------------------------------
+def _tiny_adapter_artifact(target, path, k=2):
+    from mirror.decoding.artifacts import save_artifact, target_fingerprint
+    from mirror.decoding.drafters.network import make_adapter
+
+    adapter = make_adapter(target.cfg, k)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a trained-looking adapter: not the identity it starts as
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    save_artifact(path, {f"adapter.{n}": t for n, t in adapter.state_dict().items()},
+                  {"layers": k, "adapter": {"ffn_dim": adapter.cfg.ffn_dim}, "target": target_fingerprint(target)})
+
+
+@pytest.mark.parametrize("kind", ["adapter", "model"])
+def test_adapter_and_separate_model_drafts_are_exported_and_lossless(kind, tmp_path):
+    from helpers import byte_tokenizer, tiny_model
+    from mirror.decoding.factory import build_draft_net
+    from mirror.models import save_hf
+    from mirror.onnx.export import export_from_spec
+
+    target, tok = tiny_model("tiny", seed=0), byte_tokenizer()
+    kw = dict(method="mirror", gamma=3, kappa=4, budget=8, branch_batch=8)
+    if kind == "adapter":
+        _tiny_adapter_artifact(target, str(tmp_path / "art.safetensors"))
+        kw.update(draft="self", adapter=str(tmp_path / "art.safetensors"))
+    else:
+        save_hf(tiny_model("tiny", seed=99, n_layers=2), str(tmp_path / "small"))
+        kw.update(draft="model", draft_model=str(tmp_path / "small"))
+    spec = SpecConfig(**kw)
+    d = str(tmp_path / "onnx")
+    meta = export_from_spec(target, spec, d, rows=4, step_width=8, max_len=128)
+    assert meta["draft"]["cache_layers"] == (3 if kind == "adapter" else 2)
+    assert ("sha256" in meta["draft"]["adapter"]) if kind == "adapter" else meta["draft"]["draft_model"]
+    tnet, onet = build_draft_net(target, spec, spec.draft), OrtDraftNet(d, target_cfg=target.cfg)
+    toks = torch.randint(1, 256, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        c1, c2 = tnet.new_cache(1, 128), onet.new_cache(1, 128)
+        a = tnet(toks, torch.arange(24)[None], c1, kv_len=24, last_only=True)
+        b = onet(toks, torch.arange(24)[None], c2, kv_len=24, last_only=True)
+    assert _maxdiff(a, b) <= 1e-4
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    ort_spec = SpecConfig(draft_backend="onnx", onnx_dir=d, **kw)
+    for prompt in ([5, 6, 7, 8], [3, 1, 4, 1, 5, 9, 2, 6], list(b"hello world")):
+        res = generate(target, tok, prompt, params, ort_spec)
+        assert res.ids == generate(target, tok, prompt, params).ids
+        ref = generate(target, tok, prompt, params, SpecConfig(**kw)).metrics
+        assert (res.metrics.accepted_tokens, res.metrics.hits) == (ref.accepted_tokens, ref.hits)
+
+
+def test_streaming_draft_is_exported_on_first_use_and_reused(tmp_path, monkeypatch):
+    from helpers import byte_tokenizer, tiny_model
+
+    monkeypatch.setenv("MIRROR_ONNX_CACHE", str(tmp_path / "cache"))
+    target, tok = tiny_model("tiny", seed=1), byte_tokenizer()
+    kw = dict(method="mirror", draft="streaming", draft_layers=2, streams=2, gamma=4, kappa=4, budget=4,
+              branch_batch=4)
+    spec = SpecConfig(draft_backend="onnx", onnx_max_len=128, **kw)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    res = generate(target, tok, prompt, params, spec)
+    assert res.ids == generate(target, tok, prompt, params).ids
+    assert res.metrics.extra["windows_by_source"]["passes"] > 0  # the streaming graph drafted
+    folders = list((tmp_path / "cache").iterdir())
+    assert len(folders) == 1 and read_metadata(str(folders[0]))["draft"]["streams"]["n_streams"] == 2
+    stamp = (folders[0] / "draft.json").stat().st_mtime_ns
+    res2 = generate(target, tok, prompt, params, spec)
+    assert res2.ids == res.ids and (folders[0] / "draft.json").stat().st_mtime_ns == stamp
+    assert len(list((tmp_path / "cache").iterdir())) == 1
