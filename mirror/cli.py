@@ -156,6 +156,12 @@ def cmd_generate(args) -> int:
         res = generate(lm.model, lm.tokenizer, ids, params, spec, on_chunk=stream)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
+    except RuntimeError as e:
+        from .onnx.providers import ProviderFallbackError
+
+        if not isinstance(e, ProviderFallbackError):
+            raise
+        _die(str(e))
     wall = time.perf_counter() - t0
     m = res.metrics
     if args.json:
@@ -169,6 +175,9 @@ def cmd_generate(args) -> int:
             spec_stats = f", tau {m.tau:.2f}, acceptance {m.acceptance_rate:.2f}"
             if spec.method == "mirror":
                 spec_stats += f", hit rate {m.hit_rate:.2f}"
+            if "draft_backend" in m.extra:
+                st = m.extra["draft_backend"]
+                spec_stats += f", draft on {st['provider']}" + (" (fallback)" if st["fallback"] else "")
         print(f"[{spec.method}: {m.new_tokens} new tokens, {m.tokens_per_s:.1f} tok/s decode{spec_stats}, "
               f"prefill {m.prompt_tokens} tokens in {m.prefill_s * 1e3:.0f} ms, "
               f"finish: {res.finish_reason}]", file=sys.stderr)

@@ -99,5 +99,9 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], pa
     drafter = drafter or build_drafter(model, spec, params, max_len)
     target = TargetPipeline(model, params, spec, exit_head=load_exit_head(spec, model))
     with torch.inference_mode():
-        return generate_speculative(target, DraftPipeline(drafter, spec), tokenizer, prompt_ids, params,
-                                    spec, on_chunk, should_stop)
+        res = generate_speculative(target, DraftPipeline(drafter, spec), tokenizer, prompt_ids, params,
+                                   spec, on_chunk, should_stop)
+    net = getattr(getattr(drafter, "net", None), "net", None) or getattr(drafter, "net", None)
+    if hasattr(net, "status"):  # an ONNX Runtime draft: where it ran, fallback included
+        res.metrics.extra["draft_backend"] = net.status
+    return res

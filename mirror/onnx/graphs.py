@@ -32,6 +32,12 @@ def _linear(lin, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, lin.weight, lin.bias)
 
 
+def _fp32_copy(module: nn.Module) -> nn.Module:
+    """An fp32 copy; oneDNN-packed weights (opaque tensors, cannot be copied) are left out."""
+    memo = {id(m._packed): None for m in module.modules() if getattr(m, "_packed", None) is not None}
+    return copy.deepcopy(module, memo).float()
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -44,9 +50,8 @@ class DraftGraph(nn.Module):
         super().__init__()
         if net.dtype != torch.float32:  # never cast the target's shared modules in place
             net = copy.copy(net)
-            net.embed, net.blocks = copy.deepcopy(net.embed).float(), copy.deepcopy(net.blocks).float()
-            net.norm, net.head = copy.deepcopy(net.norm).float(), copy.deepcopy(net.head).float()
-            net.streams = copy.deepcopy(net.streams).float() if net.streams is not None else None
+            net.embed, net.blocks, net.norm, net.head = map(_fp32_copy, (net.embed, net.blocks, net.norm, net.head))
+            net.streams = _fp32_copy(net.streams) if net.streams is not None else None
         self.embed, self.blocks, self.norm, self.head = net.embed, net.blocks, net.norm, net.head
         self.streams = net.streams
         cfg = net.cfg

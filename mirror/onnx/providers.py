@@ -119,7 +119,7 @@ def create_session(path: str, requests: list[ProviderRequest], *, strict: bool =
         msg = _message(requests, available, status["active"])
         if strict:
             raise ProviderFallbackError(msg)
-        warnings.warn(msg, ProviderFallbackWarning, stacklevel=2)
+        warnings.warn(msg, ProviderFallbackWarning, stacklevel=3)
     return sess, status
 
 
