@@ -152,7 +152,7 @@ class OrtDraftNet:
             "cpu_fallback": any(g.status["cpu_fallback"] for g in self.graphs.values()),
             "strict": strict,
             "graphs": {n: g.status["active"] for n, g in self.graphs.items()},
-            "io_binding": True,
+            "io_binding": True,  # caches bound by pointer in host memory (no copy on CPU-memory providers)
             "threads": {"intra_op": intra_threads, "inter_op": inter_threads},
         }
         self._step = {w: self.graphs[f"step_t{w}"] for w in self.widths}
