@@ -37,62 +37,65 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
 
 
-def add_spec_args(p: argparse.ArgumentParser, default_method: str = "ar") -> None:
-    from .spec_config import DRAFT_BACKENDS, DRAFTS, METHODS, RULES, SpecConfig
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    """Speculative settings; each one given overrides the base config (see spec_from_args)."""
+    from .spec_config import DRAFT_BACKENDS, DRAFTS, METHODS, RULES
 
-    d = SpecConfig()
-    g = p.add_argument_group("speculative decoding")
-    g.add_argument("--method", default=default_method, choices=METHODS)
-    g.add_argument("--draft", default=d.draft, choices=DRAFTS)
-    g.add_argument("--gamma", type=int, default=d.gamma, help="draft window")
-    g.add_argument("--kappa", type=int, default=d.kappa, help="early-exit candidates per position")
-    g.add_argument("--exit-layer", type=int, default=d.exit_layer, help="l_e (0 = 2N/3)")
-    g.add_argument("--budget", type=int, default=d.budget, help="hypotheses expanded per step")
-    g.add_argument("--branch-batch", type=int, default=d.branch_batch)
-    g.add_argument("--confidence", type=float, default=d.confidence, help="draft early-stop threshold")
-    g.add_argument("--draft-layers", type=int, default=d.draft_layers, help="self-draft depth k")
-    g.add_argument("--draft-model", default=None, help="separate draft model (GGUF or HF folder)")
-    g.add_argument("--adapter", default=None, help="trained draft artifact (mirror train-draft)")
-    g.add_argument("--exit-head", default=None, help="trained early-exit head artifact")
-    g.add_argument("--vocab-trim", default=None, help="VocabTrim token set (JSON)")
-    g.add_argument("--streams", type=int, default=d.streams, help="speculative-streaming lookahead streams")
-    g.add_argument("--stream-layers", type=int, default=d.stream_layers)
-    g.add_argument("--rule", default=d.rule, choices=RULES, help="acceptance rule at temperature > 0")
-    o = p.add_argument_group("draft backend (ONNX Runtime)")
-    o.add_argument("--draft-backend", default=d.draft_backend, choices=DRAFT_BACKENDS,
-                   help="where the draft network runs (onnx: ONNX Runtime, see mirror export-draft)")
-    o.add_argument("--onnx-dir", default=None,
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("speculative decoding (defaults: the deployment config's)")
+    g.add_argument("--method", default=S, choices=METHODS)
+    g.add_argument("--draft", default=S, choices=DRAFTS)
+    g.add_argument("--gamma", type=int, default=S, help="draft window")
+    g.add_argument("--kappa", type=int, default=S, help="early-exit candidates per position")
+    g.add_argument("--exit-layer", type=int, default=S, help="l_e (0 = 2N/3)")
+    g.add_argument("--budget", type=int, default=S, help="hypotheses expanded per step")
+    g.add_argument("--branch-batch", type=int, default=S)
+    g.add_argument("--confidence", type=float, default=S, help="draft early-stop threshold")
+    g.add_argument("--draft-layers", type=int, default=S, help="self-draft depth k")
+    g.add_argument("--draft-model", default=S, help="separate draft model (GGUF or HF folder)")
+    g.add_argument("--adapter", default=S, help="trained draft artifact (mirror train-draft)")
+    g.add_argument("--exit-head", default=S, help="trained early-exit head artifact")
+    g.add_argument("--vocab-trim", default=S, help="VocabTrim token set (JSON)")
+    g.add_argument("--streams", type=int, default=S, help="speculative-streaming lookahead streams")
+    g.add_argument("--stream-layers", type=int, default=S)
+    g.add_argument("--rule", default=S, choices=RULES, help="acceptance rule at temperature > 0")
+    o = p.add_argument_group("draft backend: ONNX Runtime (see mirror export-draft)")
+    o.add_argument("--draft-backend", default=S, choices=DRAFT_BACKENDS,
+                   help="where the draft network runs: torch, or onnx (ONNX Runtime on an execution provider)")
+    o.add_argument("--onnx-dir", default=S,
                    help="exported draft folder (default: export on first use into ~/.cache/mirror-sd/onnx)")
-    o.add_argument("--onnx-provider", action="append", default=None, metavar="NAME|JSON",
+    o.add_argument("--onnx-provider", dest="onnx_providers", action="append", default=S, metavar="NAME|JSON",
                    help="execution provider in priority order (repeatable): a name such as "
                         "QNNExecutionProvider, or JSON {\"name\": ..., \"options\": {...}} (default: CPU)")
-    o.add_argument("--onnx-strict", action="store_true",
+    o.add_argument("--onnx-strict", action="store_true", default=S,
                    help="fail instead of falling back from the first provider")
-    o.add_argument("--onnx-threads", type=int, default=d.onnx_threads, help="intra-op threads per draft session")
-    o.add_argument("--onnx-max-len", type=int, default=d.onnx_max_len,
-                   help="cache positions of an export made on first use")
+    o.add_argument("--onnx-threads", type=int, default=S, help="intra-op threads per draft session (default 1)")
+    o.add_argument("--onnx-max-len", type=int, default=S, help="cache positions of an export made on first use")
 
 
-def spec_from_args(args):
+_SPEC_FLAGS = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "branch_batch", "confidence",
+               "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers",
+               "rule", "draft_backend", "onnx_dir", "onnx_providers", "onnx_strict", "onnx_threads", "onnx_max_len")
+
+
+def spec_from_args(args, base=None):
+    """`base` (default: plain decoding) with every speculative flag that was given applied."""
+    import dataclasses
+
     from .spec_config import SpecConfig
 
+    base = base or SpecConfig(method="ar")
+    given = {k: getattr(args, k) for k in _SPEC_FLAGS if hasattr(args, k)}
+    if "onnx_providers" in given:
+        given["onnx_providers"] = _providers(given["onnx_providers"])
     try:
-        return SpecConfig(method=args.method, draft=args.draft, gamma=args.gamma, kappa=args.kappa,
-                          exit_layer=args.exit_layer, budget=args.budget, branch_batch=args.branch_batch,
-                          confidence=args.confidence, draft_layers=args.draft_layers,
-                          draft_model=args.draft_model, adapter=args.adapter, exit_head=args.exit_head,
-                          vocab_trim=args.vocab_trim, streams=args.streams, stream_layers=args.stream_layers,
-                          rule=args.rule, draft_backend=args.draft_backend, onnx_dir=args.onnx_dir,
-                          onnx_providers=_providers(args.onnx_provider), onnx_strict=args.onnx_strict,
-                          onnx_threads=args.onnx_threads, onnx_max_len=args.onnx_max_len)
+        return dataclasses.replace(base, **given)
     except ValueError as e:
         _die(str(e))
 
 
-def _providers(entries):
+def _providers(entries: list[str]) -> list:
     """--onnx-provider values: names, or JSON objects with options."""
-    if not entries:
-        return None
     out = []
     for e in entries:
         if e.lstrip().startswith("{"):
@@ -103,6 +106,25 @@ def _providers(entries):
         else:
             out.append(e)
     return out
+
+
+def deployment_from_args(args):
+    """The deployment config (--config, else the embedded default) with CLI overrides."""
+    import dataclasses
+
+    from .runtime.config import DeploymentConfig
+
+    try:
+        deploy = DeploymentConfig.load(args.config) if getattr(args, "config", None) else DeploymentConfig.local()
+        spec = spec_from_args(args, deploy.speculative)
+        over = {"speculative": spec}
+        if getattr(args, "model", None):
+            over["model"] = args.model
+        if getattr(args, "dtype", None) and args.dtype != "fp32":
+            over["dtype"] = args.dtype
+        return dataclasses.replace(deploy, **over)
+    except (ValueError, FileNotFoundError) as e:
+        _die(str(e))
 
 
 def sampling_from_args(args):
@@ -137,13 +159,33 @@ def prompt_ids(lm, prompt: str, raw: bool, system: str | None) -> list[int]:
     return tok.encode_chat(msgs)
 
 
+def _stats_line(method, new_tokens, tok_s, tau, acc, hit, prefill_tokens, prefill_ms, finish, where) -> str:
+    spec_stats = ""
+    if method != "ar":
+        spec_stats = f", tau {tau:.2f}, acceptance {acc:.2f}"
+        if method == "mirror":
+            spec_stats += f", hit rate {hit:.2f}"
+    return (f"[{method} ({where}): {new_tokens} new tokens, {tok_s:.1f} tok/s decode{spec_stats}, "
+            f"prefill {prefill_tokens} tokens in {prefill_ms:.0f} ms, finish: {finish}]")
+
+
 def cmd_generate(args) -> int:
     if not args.prompt or not args.prompt.strip():
         _die("the prompt is empty")
     params = sampling_from_args(args)
-    spec = spec_from_args(args)
+    deploy = deployment_from_args(args)
+    if args.inprocess or args.trace:
+        return _generate_inprocess(args, params, deploy.speculative)
+    return _generate_distributed(args, params, deploy)
+
+
+def _generate_inprocess(args, params, spec) -> int:
+    """The reference path: target and draft in this process, one after the other."""
     lm = load_from_args(args)
     ids = prompt_ids(lm, args.prompt, args.raw, args.system)
+    from contextlib import nullcontext
+
+    from . import trace
     from .decoding.factory import generate
 
     def stream(text, _ids):
@@ -153,7 +195,9 @@ def cmd_generate(args) -> int:
 
     t0 = time.perf_counter()
     try:
-        res = generate(lm.model, lm.tokenizer, ids, params, spec, on_chunk=stream)
+        with trace.recording() if args.trace else nullcontext() as rec:
+            with trace.span("request", "request", method=spec.method):
+                res = generate(lm.model, lm.tokenizer, ids, params, spec, on_chunk=stream)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
     except RuntimeError as e:
@@ -163,24 +207,116 @@ def cmd_generate(args) -> int:
             raise
         _die(str(e))
     wall = time.perf_counter() - t0
+    if args.trace:
+        _save_trace(rec, args.trace)
     m = res.metrics
     if args.json:
         d = res.to_dict()
         d["wall_s"] = wall
+        d["runtime"] = "inprocess"
         print(json.dumps(d))
     else:
         sys.stdout.write("\n")
-        spec_stats = ""
-        if spec.method != "ar":
-            spec_stats = f", tau {m.tau:.2f}, acceptance {m.acceptance_rate:.2f}"
-            if spec.method == "mirror":
-                spec_stats += f", hit rate {m.hit_rate:.2f}"
-            if "draft_backend" in m.extra:
-                st = m.extra["draft_backend"]
-                spec_stats += f", draft on {st['provider']}" + (" (fallback)" if st["fallback"] else "")
-        print(f"[{spec.method}: {m.new_tokens} new tokens, {m.tokens_per_s:.1f} tok/s decode{spec_stats}, "
-              f"prefill {m.prompt_tokens} tokens in {m.prefill_s * 1e3:.0f} ms, "
-              f"finish: {res.finish_reason}]", file=sys.stderr)
+        where = "in-process"
+        if "draft_backend" in m.extra:  # an ONNX Runtime draft: say where it ran
+            st = m.extra["draft_backend"]
+            where += f", draft on {st['provider']}" + (" after fallback" if st["fallback"] else "")
+        print(_stats_line(spec.method, m.new_tokens, m.tokens_per_s, m.tau, m.acceptance_rate, m.hit_rate,
+                          m.prompt_tokens, m.prefill_s * 1e3, res.finish_reason, where), file=sys.stderr)
+    return 0
+
+
+def _generate_distributed(args, params, deploy) -> int:
+    """The main path: the runtime of `deploy` (embedded: a local Ray started in-process, target
+    and draft actors on their own cores, the gRPC token channel)."""
+    import asyncio
+
+    from .engine import GenerateArgs
+
+    if not args.json:
+        print(f"[starting the {deploy.name} runtime: Ray, target and draft workers ...]", file=sys.stderr)
+    try:
+        from .models import BundledModelMissing, ModelLoadError
+        from .runtime.cluster import DistributedEngine
+
+        eng = DistributedEngine(deploy)
+    except (BundledModelMissing, ModelLoadError, FileNotFoundError, ValueError) as e:
+        _die(str(e))
+    spec = deploy.speculative
+    tok = eng.tokenizer
+
+    class _LM:
+        tokenizer = tok
+
+    ids = prompt_ids(_LM, args.prompt, args.raw, args.system)
+    try:
+        if len(ids) + params.max_new_tokens + (spec.gamma + 1 if spec.method != "ar" else 0) > eng.context_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                             f"the model's context of {eng.context_len} tokens")
+    except ValueError as e:
+        _die(str(e))
+    text, out_ids, last = [], [], None
+
+    async def run():
+        nonlocal last
+        async for c in eng.generate(GenerateArgs(ids, params, spec), asyncio.Event()):
+            text.append(c.text)
+            out_ids.extend(c.token_ids)
+            if not args.json and c.text:
+                sys.stdout.write(c.text)
+                sys.stdout.flush()
+            if c.finish_reason is not None:
+                last = c
+
+    t0 = time.perf_counter()
+    try:
+        asyncio.run(run())
+    finally:
+        import ray
+
+        eng.runtime.shutdown()
+        ray.shutdown()
+    wall = time.perf_counter() - t0
+    u = last.usage
+    if last.finish_reason == "error":
+        _die(f"generation failed: {last.error}", 1)
+    if args.json:
+        print(json.dumps({"text": "".join(text), "ids": out_ids, "finish_reason": last.finish_reason,
+                          "method": last.method, "runtime": "distributed", "wall_s": wall,
+                          "usage": None if u is None else {k: getattr(u, k) for k in u.__slots__}}))
+    else:
+        sys.stdout.write("\n")
+        print(_stats_line(last.method, u.completion_tokens, u.tokens_per_s, u.tau, u.acceptance_rate,
+                          u.hit_rate, u.prompt_tokens, u.prefill_ms, last.finish_reason,
+                          f"{deploy.name} runtime"), file=sys.stderr)
+    return 0
+
+
+def cmd_train_draft(args) -> int:
+    import torch
+
+    from .training.train_draft import TrainConfig, Trainer
+
+    data = args.data or _default_train_data()
+    if not data or not os.path.isfile(data):
+        _die("no training prompts: pass --data PATH (a JSONL file with a 'prompt' field per line, e.g. "
+             "../shared/data/train_prompts.jsonl)")
+    try:
+        cfg = TrainConfig(data=data, out=args.out, draft_layers=args.draft_layers, adapter_ffn=args.adapter_ffn,
+                          exit_layer=args.exit_layer, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                          gen_batch=args.gen_batch, vocab_size=args.vocab_size, streams=args.streams,
+                          stream_rank=args.stream_rank, exit_rank=args.exit_rank, exit_tokens=args.exit_tokens,
+                          epochs=args.epochs, lr=args.lr, seed=args.seed, parts=args.parts)
+    except ValueError as e:
+        _die(str(e))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_from_args(args)
+    try:
+        report = Trainer(lm.model, lm.tokenizer, cfg).run()
+    except ValueError as e:
+        _die(str(e))
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
     return 0
 
 
@@ -193,11 +329,11 @@ def cmd_export_draft(args) -> int:
                           streams=args.streams, stream_layers=args.stream_layers)
     except ValueError as e:
         _die(str(e))
-    lm = load_from_args(args)
     try:
         from .onnx.export import export_from_spec
     except ImportError as e:
         _die(f"{e}; install the ONNX extra: pip install 'mirror-sd[onnx]'")
+    lm = load_from_args(args)
     t0 = time.perf_counter()
     try:
         meta = export_from_spec(lm.model, spec, args.out, kind=args.draft, rows=args.rows,
@@ -205,20 +341,118 @@ def cmd_export_draft(args) -> int:
                                 branch_slots=args.branch_slots, opset=args.opset)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
-    sh = meta["shapes"]
     if args.json:
         print(json.dumps(meta))
         return 0
+    sh = meta["shapes"]
     print(f"exported {args.draft} draft ({meta['draft']['cache_layers']} layers, vocab {sh['vocab']}) to "
           f"{args.out} in {time.perf_counter() - t0:.1f} s")
     print(f"  rows {sh['rows']}, step widths {sh['step_widths']}, max_len {sh['max_len']}, branch slots "
           f"{sh['branch_slots']}, {meta['dtype']}, opset {meta['opset']}")
-    for name, g in meta["graphs"].items():
+    for g in meta["graphs"].values():
         print(f"  {g['file']}")
     print(f"  {meta['weights']['file']} ({meta['weights']['bytes'] / 1e6:.1f} MB, shared by all graphs)")
     if meta["vocab_trim"]:
         print(f"  {meta['vocab_trim']['file']} ({meta['vocab_trim']['size']} tokens)")
     print("  draft.json (metadata)")
+    return 0
+
+
+def _default_train_data() -> str | None:
+    from pathlib import Path
+
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        p = base.parent / "shared" / "data" / "train_prompts.jsonl"
+        if p.is_file():
+            return str(p)
+    return None
+
+
+def _save_trace(rec, path: str) -> None:
+    """The request's Chrome trace JSON, and a Gantt PNG of its first steps when matplotlib is there."""
+    rec.save(path)
+    msg = f"[trace: {path}"
+    try:
+        from benchmarks.timeline import render_gantt
+
+        png = os.path.splitext(path)[0] + ".png"
+        render_gantt(rec.chrome_events(), png)
+        msg += f", {png}"
+    except ImportError:
+        msg += "; no PNG: matplotlib is not installed (pip install 'mirror-sd[bench]')"
+    except ValueError as e:
+        msg += f"; no PNG: {e}"
+    print(msg + "]", file=sys.stderr)
+
+
+def cmd_bench(args) -> int:
+    from benchmarks.bench import cmd_bench as run
+
+    return run(args)
+
+
+def cmd_serve(args) -> int:
+    from .serve import run
+
+    return run(args)
+
+
+def cmd_client(args) -> int:
+    import grpc
+
+    from .client import GenerateClient, GenerateError
+
+    if args.system and args.raw:
+        _die("--system needs the chat template; it cannot be combined with --raw")
+    params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id,
+                  ignore_eos=args.ignore_eos, method=args.method, raw=args.raw)
+    prompt, messages = args.prompt, None
+    if args.system:
+        prompt, messages = None, [{"role": "system", "content": args.system},
+                                  {"role": "user", "content": args.prompt}]
+    text, ids, last = [], [], None
+    with GenerateClient(args.server, timeout=args.timeout) as client:
+        stream = client.stream(prompt, messages=messages, **params)
+        try:
+            for chunk in stream:
+                text.append(chunk.text)
+                ids.extend(chunk.token_ids)
+                if not args.json:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                if chunk.finish_reason is not None:
+                    last = chunk
+        except GenerateError as e:
+            if e.code == grpc.StatusCode.INVALID_ARGUMENT:
+                _die(f"invalid request: {e.message}")
+            if e.code == grpc.StatusCode.UNAVAILABLE:
+                _die(f"cannot reach a mirror server at {args.server} ({e.message})", 1)
+            _die(f"the server failed the request ({e.code.name}): {e.message}", 1)
+        except KeyboardInterrupt:
+            stream.cancel()
+            print("\n[cancelled]", file=sys.stderr)
+            return 130
+    if last is None:
+        _die("the server ended the stream without a final message", 1)
+    u = last.usage
+    if args.json:
+        print(json.dumps({"text": "".join(text), "ids": ids, "finish_reason": last.finish_reason,
+                          "method": last.method, "error": last.error,
+                          "usage": None if u is None else {f: getattr(u, f) for f in u.__slots__}}))
+    else:
+        sys.stdout.write("\n")
+        if u is not None:
+            spec_stats = ""
+            if last.method != "ar":
+                spec_stats = f", tau {u.tau:.2f}, acceptance {u.acceptance_rate:.2f}"
+                if last.method == "mirror":
+                    spec_stats += f", hit rate {u.hit_rate:.2f}"
+            print(f"[{last.method}: {u.completion_tokens} new tokens, {u.tokens_per_s:.1f} tok/s decode"
+                  f"{spec_stats}, prefill {u.prompt_tokens} tokens in {u.prefill_ms:.0f} ms, "
+                  f"finish: {last.finish_reason}]", file=sys.stderr)
+    if last.finish_reason == "error":
+        _die(f"the server failed the request: {last.error}", 1)
     return 0
 
 
@@ -232,25 +466,81 @@ def main(argv=None) -> int:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--system", default=None, help="system message for chat models")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.add_argument("--trace", default=None, metavar="PATH",
+                   help="write a Chrome/Perfetto trace of the request to PATH (and a timeline PNG)")
+    g.add_argument("--config", default=None, metavar="YAML",
+                   help="deployment config (default: the embedded local runtime, as deploy/local.yaml)")
+    g.add_argument("--inprocess", action="store_true",
+                   help="reference path for debugging: target and draft in this process, no Ray/gRPC")
     add_spec_args(g)
     g.set_defaults(func=cmd_generate)
+
+    from .serve import add_serve_args
+
+    s = sub.add_parser("serve", help="serve a model over gRPC (mirror.v1.Generate, health, reflection)")
+    add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("client", help="stream a generation from a running `mirror serve`")
+    c.add_argument("prompt")
+    c.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server")
+    c.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=None,
+                   help="default: the server's")
+    c.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--top-p", type=float, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    c.add_argument("--stop-token-id", type=int, action="append", default=[], help="(repeatable)")
+    c.add_argument("--ignore-eos", action="store_true")
+    c.add_argument("--method", default=None, help="ar | sd | mirror (default: the server's)")
+    c.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    c.add_argument("--system", default=None, help="system message for chat models")
+    c.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    c.add_argument("--timeout", type=float, default=None, help="seconds for the whole request")
+    c.set_defaults(func=cmd_client)
+    t = sub.add_parser("train-draft", help="distil the draft (adapter, streams, exit head) from the target")
+    t.add_argument("--data", default=None, help="training prompts JSONL (default ../shared/data/train_prompts.jsonl)")
+    t.add_argument("--out", default="artifacts/draft", help="output folder (resumes if it holds a run)")
+    add_model_args(t)
+    t.add_argument("--draft-layers", type=int, default=4)
+    t.add_argument("--adapter-ffn", type=int, default=1536)
+    t.add_argument("--exit-layer", type=int, default=0)
+    t.add_argument("--prompts", type=int, default=800)
+    t.add_argument("--max-new-tokens", type=int, default=128)
+    t.add_argument("--gen-batch", type=int, default=16)
+    t.add_argument("--vocab-size", type=int, default=8192, help="VocabTrim set size (0 = off)")
+    t.add_argument("--streams", type=int, default=2)
+    t.add_argument("--stream-rank", type=int, default=0)
+    t.add_argument("--exit-rank", type=int, default=64)
+    t.add_argument("--exit-tokens", type=int, default=40000)
+    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--parts", nargs="+", default=["adapter", "streams", "exit_head"])
+    t.set_defaults(func=cmd_train_draft)
     e = sub.add_parser("export-draft", help="export a draft network to ONNX (static shapes) for ONNX Runtime")
     add_model_args(e)
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--draft", default="self", choices=["self", "model", "streaming"])
     e.add_argument("--draft-layers", type=int, default=4, help="self-draft depth k (target layers [0, k))")
     e.add_argument("--draft-model", default=None, help="separate draft model (GGUF or HF folder)")
-    e.add_argument("--adapter", default=None, help="trained draft artifact (safetensors)")
+    e.add_argument("--adapter", default=None, help="trained draft artifact (mirror train-draft)")
     e.add_argument("--vocab-trim", default=None, help="VocabTrim token set (JSON): trimmed head")
     e.add_argument("--streams", type=int, default=0, help="speculative-streaming streams (default 2)")
     e.add_argument("--stream-layers", type=int, default=1)
     e.add_argument("--rows", type=int, default=8, help="hypothesis rows R of the branch graph")
     e.add_argument("--step-width", type=int, default=64, help="tokens T per chunk call (a 1-token graph is added)")
     e.add_argument("--max-len", type=int, default=2048, help="KV cache positions")
-    e.add_argument("--branch-slots", type=int, default=18, help="own-token slots per hypothesis row (>= gamma)")
+    e.add_argument("--branch-slots", type=int, default=18, help="own-token slots per hypothesis row (>= gamma + 2)")
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     e.add_argument("--json", action="store_true", help="print the metadata as JSON")
     e.set_defaults(func=cmd_export_draft)
+    from benchmarks.bench import add_args as add_bench_args
+
+    b = sub.add_parser("bench", help="Spec-Bench speed of ar/sd/mirror (and peers), interleaved per question")
+    add_bench_args(b)
+    b.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

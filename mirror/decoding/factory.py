@@ -2,6 +2,7 @@
 and `mirror` used by the CLI, the benchmarks and the workers."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -36,13 +37,23 @@ def load_draft_model(path: str, target: Transformer) -> Transformer:
 
 
 def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNet:
-    """The network of a 'self', 'model' or 'streaming' draft, with its trained parts if given."""
+    """The network of a 'self', 'model' or 'streaming' draft, with its trained parts if given:
+    a DraftNet, or with draft_backend="onnx" the same network exported and run by ONNX Runtime
+    (an OrtDraftNet, which NetworkDrafter drives the same way)."""
     from .artifacts import load_draft_artifact
 
-    keep = VocabTrim.load(spec.vocab_trim).keep_ids if spec.vocab_trim else None
+    if spec.draft_backend == "onnx":
+        from ..onnx.runtime import ort_draft_for_spec
+
+        return ort_draft_for_spec(target, spec, kind)
+
+    art = load_draft_artifact(spec.adapter, target) if spec.adapter and kind != "model" else None
+    trim_path = spec.vocab_trim
+    if trim_path is None and art is not None and art.meta.get("vocab_trim"):
+        trim_path = os.path.join(os.path.dirname(spec.adapter), art.meta["vocab_trim"])  # trained with it
+    keep = VocabTrim.load(trim_path).keep_ids if trim_path else None
     if kind == "model":
         return DraftNet.from_model(load_draft_model(spec.draft_model, target), keep)
-    art = load_draft_artifact(spec.adapter, target) if spec.adapter else None
     k = art.layers if art is not None else spec.draft_layers
     adapter = art.adapter if art is not None else None
     net = DraftNet.self_draft(target, k, adapter, keep)
@@ -61,10 +72,6 @@ def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams,
     net_kind = next((k for k in kinds if k != "ngram"), None)
     network = None
     if net_kind is not None:
-        if net is None and spec.draft_backend == "onnx":
-            from ..onnx.runtime import ort_draft_for_spec
-
-            net = ort_draft_for_spec(target, spec, net_kind)
         net = net or build_draft_net(target, spec, net_kind)
         if net_kind == "streaming":
             from .drafters.streaming import StreamingDrafter

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from .. import trace
 from ..output import OutputStream
 from ..sampling import SamplingParams
 from ..spec_config import SpecConfig
@@ -28,16 +29,19 @@ class DraftPipeline:
     def __init__(self, drafter: Drafter, spec: SpecConfig):
         self.drafter, self.spec = drafter, spec
 
+    @trace.traced("draft.start", "draft")
     def start(self, ctx: list[int], gamma: int) -> DraftWindow:
         self.drafter.start(ctx)
         return self.drafter.propose(gamma)
 
+    @trace.traced("draft.on_signal", "draft", args=lambda self, signal, *a: {"step": signal.step})
     def on_signal(self, signal: EarlyExitSignal, should_stop=None) -> int:
         """Branch-complete rollouts for the most likely hypotheses, until the verdict arrives
         (`should_stop`) or the budget is spent."""
         return self.drafter.expand(signal, self.spec.gamma, self.spec.budget, should_stop,
                                    self.spec.branch_batch)
 
+    @trace.traced("draft.on_verdict", "draft", args=lambda self, verdict, *a: {"step": verdict.step})
     def on_verdict(self, verdict: Verdict, gamma: int) -> DraftWindow:
         """Hit: the precomputed window, at zero latency. Miss: serial drafting (vanilla SD)."""
         w = self.drafter.take(verdict) if self.spec.method == "mirror" else None
@@ -69,10 +73,12 @@ def generate_speculative(target: TargetPipeline, draft: DraftPipeline, tokenizer
             break
         if spec.method == "mirror":
             signal = target.prefix(root, window)
+            trace.instant("channel.send_signal", "channel", step=signal.step)
             draft.on_signal(signal)
             verdict = target.suffix()
         else:
             verdict = target.verify(root, window)
+        trace.instant("channel.send_verdict", "channel", step=verdict.step, accepted=verdict.accepted)
         committed = window.ids[:verdict.accepted] + [verdict.token]
         done = out.push(committed)
         root = verdict.token

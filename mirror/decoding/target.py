@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import trace
 from ..models.llama import Transformer
 from ..sampling import SamplingParams, logits_to_probs, next_token
 from ..spec_config import SpecConfig
@@ -30,6 +31,7 @@ class TargetPipeline:
         self.step = 0
 
     # --- request lifecycle -------------------------------------------------------------------
+    @trace.traced("target.start", "target")
     @torch.inference_mode()
     def start(self, prompt_ids: list[int]) -> int:
         """Prefill; returns the first committed token."""
@@ -53,6 +55,7 @@ class TargetPipeline:
         return G
 
     # --- vanilla SD ----------------------------------------------------------------------------
+    @trace.traced("target.verify", "target", args=lambda self, *a: {"step": self.step})
     @torch.inference_mode()
     def verify(self, root: int, window: DraftWindow) -> Verdict:
         self._window(root, window)
@@ -60,6 +63,7 @@ class TargetPipeline:
         return self._conclude(logits, exit_top=None)
 
     # --- Mirror-SD -----------------------------------------------------------------------------
+    @trace.traced("target.prefix", "target", args=lambda self, *a: {"step": self.step})
     @torch.inference_mode()
     def prefix(self, root: int, window: DraftWindow) -> EarlyExitSignal:
         """Layers [0, l_e) over the window, then top-kappa of the early exit at every position."""
@@ -71,6 +75,7 @@ class TargetPipeline:
         self._exit_top = top.indices
         return EarlyExitSignal(self.step, top.indices, top.values)
 
+    @trace.traced("target.suffix", "target", args=lambda self, *a: {"step": self.step})
     @torch.inference_mode()
     def suffix(self) -> Verdict:
         """Layers [l_e, N), acceptance, commit, rollback."""

@@ -332,5 +332,23 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32,
     return LoadedModel(model, tok, path, "gguf")
 
 
-__all__ = ["ARCHITECTURES", "LoadedModel", "ModelLoadError", "SUPPORTED_GGML_TYPES", "build_model",
+def load_tokenizer(path: str | None = None):
+    """(tokenizer, context length) of a model without loading its weights."""
+    from ..tokenizer import Tokenizer
+    from .bundled import bundled_model_path
+
+    if path is None:
+        path = bundled_model_path()
+    if os.path.isdir(path):
+        cfg = hf_config(json.loads((Path(path) / "config.json").read_text()), path)
+        return Tokenizer.from_hf_dir(path), cfg.max_seq_len
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model file not found: {path}")
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return Tokenizer.from_gguf(reader), gguf_config(reader, path).max_seq_len
+
+
+__all__ = ["load_tokenizer", "ARCHITECTURES", "LoadedModel", "ModelLoadError", "SUPPORTED_GGML_TYPES", "build_model",
            "gguf_config", "hf_config", "load_gguf_state", "load_hf_state", "load_model", "save_hf"]

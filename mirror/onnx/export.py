@@ -271,12 +271,19 @@ def network_kind(spec) -> str:
     return kind
 
 
-def export_from_spec(target, spec, out_dir: str, kind: str | None = None, net=None, **shapes) -> dict:
-    """Build the draft a SpecConfig describes (self / model / streaming) and export it."""
+def torch_draft_net(target, spec, kind: str):
+    """The PyTorch DraftNet a SpecConfig describes, whatever its draft_backend."""
+    import dataclasses
+
     from ..decoding.factory import build_draft_net
 
+    return build_draft_net(target, dataclasses.replace(spec, draft_backend="torch"), kind)
+
+
+def export_from_spec(target, spec, out_dir: str, kind: str | None = None, net=None, **shapes) -> dict:
+    """Build the draft a SpecConfig describes (self / model / streaming) and export it."""
     kind = kind or network_kind(spec)
-    net = net or build_draft_net(target, spec, kind)
+    net = net or torch_draft_net(target, spec, kind)
     layers = None if kind == "model" else len(net.blocks) - (1 if _has_adapter(net, target) else 0)
     return export_draft(net, out_dir, target_cfg=target.cfg, kind=kind,
                         source=draft_source(spec, kind, layers), **shapes)
@@ -301,11 +308,9 @@ def cached_export(target, spec, kind: str | None = None, rows: int | None = None
     """The export folder for this spec's draft, exported on first use under cache_root().
     The key covers the target config, the draft's weights and settings and the exporter
     versions, so a changed draft never reuses a stale export."""
-    from ..decoding.factory import build_draft_net
-
     kind = kind or network_kind(spec)
     rows, max_len = rows or spec.branch_batch, max_len or spec.onnx_max_len
-    net = build_draft_net(target, spec, kind)
+    net = torch_draft_net(target, spec, kind)
     v = _versions()
     key = {"target": config_fingerprint(target.cfg), "weights": _weights_sha256(net), "kind": kind,
            "streams": [spec.streams, spec.stream_layers] if kind == "streaming" else None,
@@ -333,33 +338,27 @@ def cached_export(target, spec, kind: str | None = None, rows: int | None = None
     return str(out)
 
 
-def check_spec(meta: dict, spec, kind: str, layers: int | None) -> None:
-    """An export folder must hold the draft the spec asks for; list every difference."""
+def check_net(meta: dict, net, kind: str, spec=None) -> None:
+    """An export folder must hold the draft the spec asks for: compare it with the PyTorch
+    DraftNet the spec builds (layers, adapter, vocabulary, streams) and list every difference."""
     d, diffs = meta["draft"], []
     if d["kind"] != kind:
         diffs.append(f"kind {d['kind']!r} != {kind!r}")
-    if kind != "model" and d.get("layers") != layers:
-        diffs.append(f"draft layers {d.get('layers')} != {layers}")
-    if spec.adapter and (d.get("adapter") or {}).get("sha256") != _file_sha256(spec.adapter):
+    ids = [b.layer_id for b in net.blocks]
+    if d["layer_ids"] != ids:
+        diffs.append(f"draft layers {d['layer_ids']} != {ids}")
+    if spec is not None and spec.adapter and (d.get("adapter") or {}).get("sha256") != _file_sha256(spec.adapter):
         diffs.append(f"adapter {spec.adapter} is not the one exported")
-    if not spec.adapter and d.get("adapter"):
-        diffs.append("the export has an adapter, the spec none")
     vt = meta.get("vocab_trim")
-    if spec.vocab_trim:
-        from ..decoding.drafters.vocab_trim import VocabTrim
-
-        ids = VocabTrim.load(spec.vocab_trim).keep_ids.tolist()
-        if not vt or vt["sha256"] != hashlib.sha256(json.dumps(ids).encode()).hexdigest():
-            diffs.append(f"vocab trim {spec.vocab_trim} is not the one exported")
-    elif vt:
+    keep = getattr(net, "keep_ids", None)
+    if keep is None and vt:
         diffs.append("the export has a trimmed vocabulary, the spec none")
+    elif keep is not None and (not vt or vt["sha256"] != hashlib.sha256(json.dumps(keep.tolist()).encode()).hexdigest()):
+        diffs.append("the spec's vocab trim is not the one exported")
     st = d.get("streams")
-    if kind == "streaming" and st and not spec.adapter and [st["n_streams"], st["n_layers"]] != \
-            [spec.streams or 2, spec.stream_layers]:
-        diffs.append(f"streams {st['n_streams']}x{st['n_layers']} != {spec.streams or 2}x{spec.stream_layers}")
+    want = [net.streams.n_streams, net.streams.n_layers] if net.streams is not None else None
+    have = [st["n_streams"], st["n_layers"]] if st else None
+    if have != want:
+        diffs.append(f"streams (n_streams, n_layers) {have} != {want}")
     if diffs:
         raise ValueError(f"the ONNX export does not match the speculative config: {'; '.join(diffs)}")
-
-
-def _has_adapter(net, target) -> bool:
-    return any(b.layer_id >= target.cfg.n_layers or b is not target.layers[b.layer_id] for b in net.blocks)

@@ -274,12 +274,12 @@ _NETS: dict[tuple, OrtDraftNet] = {}
 
 
 def ort_draft_for_spec(target, spec, kind: str) -> OrtDraftNet:
-    """The OrtDraftNet a SpecConfig asks for (draft_backend="onnx"): spec.onnx_dir, or an
-    export made on first use (export.cached_export). Sessions are kept per folder and settings,
-    so repeated requests do not reload the graphs."""
+    """The OrtDraftNet a SpecConfig asks for (draft_backend="onnx"): spec.onnx_dir, checked
+    against the draft the spec describes, or an export made on first use (export.cached_export).
+    Sessions are kept per folder and settings, so repeated requests do not reload the graphs."""
     import json
 
-    from .export import cached_export, check_spec
+    from .export import cached_export, check_net, torch_draft_net
 
     model_dir = spec.onnx_dir or cached_export(target, spec, kind)
     key = (str(Path(model_dir).resolve()), json.dumps(spec.onnx_providers, sort_keys=True), spec.onnx_strict,
@@ -288,17 +288,7 @@ def ort_draft_for_spec(target, spec, kind: str) -> OrtDraftNet:
     if net is None:
         net = OrtDraftNet(model_dir, spec.onnx_providers, strict=spec.onnx_strict, intra_threads=spec.onnx_threads,
                           inter_threads=spec.onnx_inter_threads, target_cfg=target.cfg)
-        _NETS[key] = net
-    if spec.onnx_dir:
-        check_spec(net.meta, spec, kind, _spec_layers(target, spec, kind))
+    if spec.onnx_dir:  # a folder given by hand may hold another draft than the spec's
+        check_net(net.meta, torch_draft_net(target, spec, kind), kind, spec)
+    _NETS[key] = net
     return net
-
-
-def _spec_layers(target, spec, kind: str) -> int | None:
-    if kind == "model":
-        return None
-    if spec.adapter:
-        from ..decoding.artifacts import read_artifact
-
-        return int(read_artifact(spec.adapter)[1]["layers"])
-    return spec.draft_layers

@@ -1,0 +1,463 @@
+"""`mirror bench`: every method on the same Spec-Bench questions, in one process, interleaved.
+
+    mirror bench --per-category 1 --max-new-tokens 16 --methods ar sd:ngram mirror:ngram+self
+    mirror bench --methods ar "mirror:self@gamma=3,draft_layers=2" --spec '{"kappa": 4}'
+
+A method is `method[:draft][@key=value,...]`: `ar`, `sd:ngram`, `mirror:ngram+self@gamma=7`.
+`--spec` / `--spec-file` give SpecConfig fields for every speculative method; `@...` overrides
+them for one method. Plain decoding (`ar`) always runs: it is the baseline of every speedup
+and of the identical-output count.
+
+Measurement (matches Spec-Bench's evaluation/eval.py and evaluation/speed.py):
+- A question's time is the wall time of each turn's generate call - prefill included, prompt
+  encoding excluded - summed over its turns; its tokens are the new tokens summed over its
+  turns; its speed is tokens / time.
+- A method's speed on a category is the mean of its per-question speeds; its speedup is that
+  mean divided by the plain-decoding mean of the same run on the same questions.
+- MT-Bench's second turn: the conversation [user 1, assistant = the method's own first answer
+  (decoded, stripped), user 2] with the chat template applied; both turns count.
+Differences from Spec-Bench: new tokens are counted as generated ids without the EOS token for
+every method (Spec-Bench re-tokenizes the baseline's text and counts the EOS for the others);
+each method is warmed up on a short prompt first (Spec-Bench's warm-up is commented out); and
+methods run interleaved per question in one process (Spec-Bench runs one method per process),
+with the order rotated per question, so machine noise and position effects hit all alike.
+`tau` is pooled over all steps (Spec-Bench's mean accepted tokens), as are the acceptance,
+hit and miss rates. `decode_speedup` is the same ratio with prefill time left out.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .specbench import CATEGORIES, WHERE, category, default_questions_path, load_questions, select
+
+BASELINE = "ar"
+DEFAULT_METHODS = ("ar", "sd:ngram", "mirror:ngram+self")
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines: what runs one generation. The distributed runtime plugs in here.
+# ---------------------------------------------------------------------------------------------
+class Engine(Protocol):
+    """Runs one request: prompt ids + sampling params + spec (None = plain) -> GenerationResult."""
+
+    name: str
+
+    def generate(self, prompt_ids: list[int], params, spec): ...
+
+
+class InProcessEngine:
+    """Target and draft pipelines in this process (mirror.decoding.factory.generate). Draft
+    networks are built once per spec, outside the timed calls, like loading the model."""
+
+    name = "inprocess"
+
+    def __init__(self, lm):
+        self.model, self.tokenizer = lm.model, lm.tokenizer
+        self._nets: dict[str, object] = {}
+
+    def _net(self, spec):
+        from mirror.decoding.factory import build_draft_net
+
+        kind = next((k for k in spec.draft.split("+") if k != "ngram"), None)
+        if kind is None:
+            return None
+        key = json.dumps(spec.to_dict(), sort_keys=True)
+        if key not in self._nets:
+            self._nets[key] = build_draft_net(self.model, spec, kind)
+        return self._nets[key]
+
+    def generate(self, prompt_ids, params, spec):
+        from mirror.decoding.factory import build_drafter, generate
+
+        if spec is None or spec.method == "ar":
+            return generate(self.model, self.tokenizer, prompt_ids, params)
+        max_len = len(prompt_ids) + params.max_new_tokens + spec.gamma + 2
+        drafter = build_drafter(self.model, spec, params, max_len, net=self._net(spec))
+        return generate(self.model, self.tokenizer, prompt_ids, params, spec, drafter=drafter)
+
+
+ENGINES: dict[str, Callable[..., Engine]] = {"inprocess": InProcessEngine}
+# Runtimes the CLI offers before they exist, with what to say when asked for.
+UNAVAILABLE = {"distributed": "the distributed runtime is not available yet; use --runtime inprocess "
+                              "(a distributed engine plugs in with benchmarks.bench.register_engine)"}
+
+
+def register_engine(name: str, factory: Callable[..., Engine]) -> None:
+    """Make `--runtime name` build its engine with `factory(loaded_model)`."""
+    ENGINES[name] = factory
+    UNAVAILABLE.pop(name, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Method:
+    label: str
+    spec: object | None  # SpecConfig, None for plain decoding and peers
+    engine: Engine
+    peer: bool = False
+
+
+def parse_method(text: str, base: dict) -> tuple[str, object | None]:
+    """'mirror:ngram+self@gamma=3,kappa=4' -> (label, SpecConfig); 'ar' -> ('ar', None)."""
+    from mirror.spec_config import SpecConfig
+
+    head, _, over = text.partition("@")
+    method, _, draft = head.partition(":")
+    if method == "ar":
+        if draft or over:
+            raise ValueError(f"{text!r}: plain decoding takes no draft or settings")
+        return "ar", None
+    d = dict(base)
+    d["method"] = method
+    if draft:
+        d["draft"] = draft
+    for kv in filter(None, over.split(",")):
+        k, eq, v = kv.partition("=")
+        if not eq:
+            raise ValueError(f"{text!r}: expected key=value after '@', got {kv!r}")
+        try:
+            d[k.strip().replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            d[k.strip().replace("-", "_")] = v
+    return text, SpecConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    if tokenizer.chat_template:
+        return tokenizer.encode_chat(messages)
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+    return tokenizer.encode(text)
+
+
+def ids_hash(ids: list[int]) -> str:
+    return hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:16]
+
+
+def run_turns(method: Method, tokenizer, turns: list[str], params) -> tuple[list[dict], list[list[int]]]:
+    """All turns of one question, Spec-Bench style: each later turn's history holds the
+    method's own earlier answers. Returns per-turn records and per-turn output ids."""
+    msgs: list[dict] = []
+    records, outs = [], []
+    for user in turns:
+        msgs.append({"role": "user", "content": user})
+        prompt = chat_ids(tokenizer, msgs)
+        t0 = time.perf_counter()
+        res = method.engine.generate(prompt, params, method.spec)
+        wall = time.perf_counter() - t0
+        m = res.metrics
+        records.append({"prompt_tokens": len(prompt), "prompt_sha1": ids_hash(prompt),
+                        "new_tokens": len(res.ids), "wall_s": wall, "ids_sha1": ids_hash(res.ids),
+                        "finish_reason": res.finish_reason, "text": res.text, "metrics": m.to_dict()})
+        outs.append(list(res.ids))
+        msgs.append({"role": "assistant", "content": res.text.strip()})
+    return records, outs
+
+
+def question_record(turns: list[dict], identical: bool | None) -> dict:
+    tok = sum(t["new_tokens"] for t in turns)
+    wall = sum(t["wall_s"] for t in turns)
+    dec = sum(t["metrics"]["decode_s"] for t in turns)
+    if any(t["metrics"]["extra"].get("no_prefill_split") for t in turns):
+        dec = None  # peers time the whole call only
+    return {"new_tokens": tok, "wall_s": wall, "tok_s": tok / wall if wall > 0 else 0.0,
+            "decode_s": dec, "decode_tok_s": tok / dec if dec else None,
+            "identical_to_ar": identical, "turns": turns}
+
+
+def run_bench(methods: list[Method], tokenizer, questions: list[dict], params, warmup: int = 1,
+              progress: bool = True) -> list[dict]:
+    """Interleave: for each question, every method (order rotated per question)."""
+    from tqdm import tqdm
+
+    if warmup and questions:
+        from mirror.sampling import SamplingParams
+
+        wp = SamplingParams(max_new_tokens=min(8, params.max_new_tokens), temperature=params.temperature,
+                            seed=params.seed)
+        for m in methods:
+            for _ in range(warmup):
+                m.engine.generate(chat_ids(tokenizer, [{"role": "user", "content": "Hello!"}]), wp, m.spec)
+    out = []
+    bar = tqdm(total=len(questions) * len(methods), desc="bench", unit="run", disable=not progress,
+               file=sys.stderr)
+    for i, q in enumerate(questions):
+        k = i % len(methods)
+        order = methods[k:] + methods[:k]
+        recs, ids = {}, {}
+        for m in order:
+            bar.set_postfix_str(f"{category(q)} {m.label}")
+            recs[m.label], ids[m.label] = run_turns(m, tokenizer, q["turns"], params)
+            bar.update(1)
+        base = ids[BASELINE]
+        out.append({"question_id": q.get("question_id", i), "category": category(q),
+                    "n_turns": len(q["turns"]),
+                    "methods": {m.label: question_record(recs[m.label],
+                                                         ids[m.label] == base if params.greedy else None)
+                                for m in methods}})
+    bar.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------------------------
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def summarize(records: list[dict], labels: list[str]) -> dict:
+    """{category or 'overall': {label: stats}}, Spec-Bench's speedup and pooled counters."""
+    cats = [c for c in CATEGORIES if any(r["category"] == c for r in records)]
+    cats += sorted({r["category"] for r in records} - set(cats))
+    out = {}
+    for cat in cats + ["overall"]:
+        rs = [r for r in records if cat == "overall" or r["category"] == cat]
+        if not rs:
+            continue
+        base_tok_s = statistics.fmean(r["methods"][BASELINE]["tok_s"] for r in rs)
+        base_dec = statistics.fmean(r["methods"][BASELINE]["decode_tok_s"] for r in rs)
+        out[cat] = {}
+        for label in labels:
+            qs = [r["methods"][label] for r in rs]
+            ms = [t["metrics"] for q in qs for t in q["turns"]]
+            steps = sum(m["target_steps"] for m in ms)
+            drafted = sum(m["drafted_tokens"] for m in ms)
+            accepted = sum(m["accepted_tokens"] for m in ms)
+            hits, misses = sum(m["hits"] for m in ms), sum(m["misses"] for m in ms)
+            tok_s = statistics.fmean(q["tok_s"] for q in qs)
+            decs = [q["decode_tok_s"] for q in qs]
+            dec = None if None in decs else statistics.fmean(decs)
+            ident = [q["identical_to_ar"] for q in qs]
+            out[cat][label] = {
+                "questions": len(qs), "tok_s": tok_s, "speedup": _ratio(tok_s, base_tok_s),
+                "decode_tok_s": dec, "decode_speedup": None if dec is None else _ratio(dec, base_dec),
+                "tau": (accepted + steps) / steps if steps else None,
+                "acceptance_rate": accepted / drafted if drafted else None,
+                "hit_rate": hits / (hits + misses) if hits + misses else None,
+                "miss_rate": misses / (hits + misses) if hits + misses else None,
+                "identical": None if any(v is None for v in ident) else sum(ident),
+                "new_tokens": sum(q["new_tokens"] for q in qs),
+            }
+    return out
+
+
+def _f(v, fmt="{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def markdown(summary: dict, labels: list[str], config: dict) -> str:
+    cats = list(summary)
+    lines = [f"# mirror bench: {config['questions_file']}", "",
+             f"{config['n_questions']} questions, max_new_tokens {config['max_new_tokens']}, temperature "
+             f"{config['temperature']}, {config['threads']} threads, runtime {config['runtime']}, "
+             f"model {os.path.basename(config['model'])}.", "",
+             "Speedup = mean per-question tok/s (wall time incl. prefill, all turns) / the same for "
+             "plain decoding (`ar`) in this run (Spec-Bench's definition).", "",
+             "## Speedup", "",
+             "| method | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
+    for lb in labels:
+        lines.append(f"| {lb} | " + " | ".join(_f(summary[c][lb]["speedup"], "{:.2f}x") for c in cats) + " |")
+    lines += ["", "## Details", "",
+              "| category | method | tok/s | speedup | decode speedup | tau | acceptance | hit | miss "
+              "| identical to ar |", "|---" * 10 + "|"]
+    for c in cats:
+        for lb in labels:
+            s = summary[c][lb]
+            ident = "-" if s["identical"] is None else f"{s['identical']}/{s['questions']}"
+            lines.append(f"| {c} | {lb} | {_f(s['tok_s'], '{:.1f}')} | {_f(s['speedup'], '{:.2f}x')} | "
+                         f"{_f(s['decode_speedup'], '{:.2f}x')} | {_f(s['tau'])} | {_f(s['acceptance_rate'])} | "
+                         f"{_f(s['hit_rate'])} | {_f(s['miss_rate'])} | {ident} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_speedups(summary: dict, labels: list[str], path: str, title: str = "") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = list(summary)
+    shown = [lb for lb in labels if lb != BASELINE]
+    fig, ax = plt.subplots(figsize=(min(14.0, 2 + len(cats) * (0.6 + 0.35 * len(shown))), 4))
+    width = 0.8 / max(1, len(shown))
+    for i, lb in enumerate(shown):
+        xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(cats))]
+        ys = [summary[c][lb]["speedup"] or 0.0 for c in cats]
+        bars = ax.bar(xs, ys, width, label=lb)
+        for b, y in zip(bars, ys):
+            ax.text(b.get_x() + b.get_width() / 2, y, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(cats)))
+    ax.set_xticklabels(cats, rotation=20)
+    ax.set_ylabel("speedup over plain decoding")
+    ax.set_title(title or "Spec-Bench speedup by category")
+    if shown:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def add_args(p) -> None:
+    from mirror.cli import add_model_args
+
+    add_model_args(p)
+    p.add_argument("--questions", default=None,
+                   help="Spec-Bench-format question file (default: ../shared/specbench/question.jsonl)")
+    p.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                   help="method[:draft][@key=value,...], e.g. ar sd:ngram mirror:ngram+self@gamma=7")
+    p.add_argument("--spec", default=None, help='SpecConfig fields as JSON for all methods, e.g. \'{"gamma": 5}\'')
+    p.add_argument("--spec-file", default=None, help="SpecConfig fields as a JSON file")
+    p.add_argument("--runtime", default="inprocess", choices=sorted(set(ENGINES) | set(UNAVAILABLE)))
+    p.add_argument("--out", default="runs/bench", help="output folder")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up generations per method")
+    p.add_argument("--peers", action="store_true",
+                   help="also run Hugging Face transformers on the same weights (needs .[peers])")
+    p.add_argument("--peer-draft-layers", type=int, default=4,
+                   help="assisted generation's draft: the target's first k layers")
+    p.add_argument("--trace-one", default=None, metavar="PATH",
+                   help="after the run, trace one request of the first speculative method to PATH "
+                        "(Chrome trace JSON) and PATH.png")
+    p.add_argument("--profile", action="store_true",
+                   help="also write the exit profile (benchmarks.exit_profile) into --out")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def base_spec(args) -> dict:
+    d: dict = {}
+    if args.spec_file:
+        with open(args.spec_file) as f:
+            d.update(json.load(f))
+    if args.spec:
+        d.update(json.loads(args.spec))
+    d.pop("method", None)
+    return d
+
+
+def cmd_bench(args) -> int:
+    from mirror.cli import _die, load_from_args
+    from mirror.sampling import SamplingParams
+
+    qpath = args.questions or default_questions_path()
+    if not qpath or not os.path.isfile(qpath):
+        _die(f"no question file at {qpath or '../shared/specbench/question.jsonl'}; get {WHERE}", 2)
+    try:
+        questions = select(load_questions(qpath), args.per_category)
+        base = base_spec(args)
+        labels = list(dict.fromkeys([BASELINE] + list(args.methods)))
+        parsed = [parse_method(m, base) for m in labels]
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                seed=args.seed if args.temperature > 0 else None)
+    except (ValueError, OSError) as e:
+        _die(str(e))
+    if not questions:
+        _die(f"{qpath}: no questions selected")
+    if args.runtime not in ENGINES:
+        _die(UNAVAILABLE.get(args.runtime, f"unknown runtime {args.runtime!r}"))
+    lm = load_from_args(args)
+    engine = ENGINES[args.runtime](lm)
+    methods = [Method(label, spec, engine) for label, spec in parsed]
+    if args.peers:
+        from .peers import PeersUnavailable, peer_methods
+
+        try:
+            methods += peer_methods(lm, draft_layers=args.peer_draft_layers)
+        except PeersUnavailable as e:
+            print(f"mirror bench: --peers skipped: {e}", file=sys.stderr)
+    import torch
+
+    os.makedirs(args.out, exist_ok=True)
+    config = {"questions_file": os.path.abspath(qpath), "n_questions": len(questions),
+              "per_category": args.per_category, "max_new_tokens": args.max_new_tokens,
+              "temperature": args.temperature, "seed": params.seed, "methods": [m.label for m in methods],
+              "specs": {m.label: (m.spec.to_dict() if m.spec is not None else None) for m in methods},
+              "runtime": args.runtime, "model": lm.path, "dtype": args.dtype,
+              "threads": torch.get_num_threads(), "warmup": args.warmup,
+              "python": platform.python_version(), "torch": torch.__version__,
+              "machine": platform.machine(), "cpu_count": os.cpu_count(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    t0 = time.perf_counter()
+    records = run_bench(methods, lm.tokenizer, questions, params, warmup=args.warmup,
+                        progress=not args.no_progress)
+    config["elapsed_s"] = time.perf_counter() - t0
+    labels = [m.label for m in methods]
+    summary = summarize(records, labels)
+    paths = write_results(args.out, config, summary, records, labels)
+    print(open(paths["md"]).read())
+    if args.trace_one:
+        spec_methods = sorted((m for m in methods if m.spec is not None), key=lambda m: m.spec.method != "mirror")
+        if spec_methods:
+            tpaths = trace_request(spec_methods[0], lm.tokenizer, questions[0]["turns"][0], params, args.trace_one)
+            print(f"trace of one {spec_methods[0].label} request: {', '.join(tpaths)}")
+    if args.profile:
+        from .exit_profile import profile, write_profile
+
+        spec = next((m.spec for m in methods if m.spec is not None and m.spec.method == "mirror"), None)
+        prof = profile(lm, questions, max_new_tokens=args.max_new_tokens, spec=spec, progress=not args.no_progress)
+        for p in write_profile(prof, args.out).values():
+            print(f"exit profile: {p}")
+    print(f"wrote {', '.join(paths.values())}")
+    return 0
+
+
+def write_results(out: str, config: dict, summary: dict, records: list[dict], labels: list[str]) -> dict:
+    paths = {"json": os.path.join(out, "results.json"), "md": os.path.join(out, "results.md"),
+             "png": os.path.join(out, "speedup.png")}
+    with open(paths["json"], "w") as f:
+        json.dump({"config": config, "summary": summary, "questions": records}, f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(summary, labels, config))
+    plot_speedups(summary, labels, paths["png"],
+                  f"Spec-Bench speedup, {config['n_questions']} questions, {config['max_new_tokens']} tokens")
+    return paths
+
+
+def trace_request(method: Method, tokenizer, prompt: str, params, path: str) -> list[str]:
+    """Trace one generation of `method` to a Chrome trace JSON and a Gantt PNG."""
+    from mirror import trace
+
+    from .timeline import render_gantt
+
+    ids = chat_ids(tokenizer, [{"role": "user", "content": prompt}])
+    with trace.recording() as rec:
+        with trace.span("request", "request", method=method.label):
+            method.engine.generate(ids, params, method.spec)
+    rec.save(path)
+    png = os.path.splitext(path)[0] + ".png"
+    render_gantt(rec.chrome_events(), png, title=f"{method.label}: first steps of one request")
+    return [path, png]
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="mirror bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(ap)
+    return cmd_bench(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

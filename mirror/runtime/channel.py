@@ -1,0 +1,423 @@
+"""The target <-> draft token channel over gRPC (protos/mirror/v1/channel.proto).
+
+Draft side: `DraftChannelServicer` hosts one `DraftPipeline` per session (one bidirectional
+stream per request). Target side: `DraftChannelClient` is what the target loop calls:
+
+    client = DraftChannelClient("127.0.0.1:50052")
+    window = client.open(prompt_ids, first_token, gamma, spec, params)   # first DraftWindow
+    client.send_signal(signal)          # returns at once; the draft starts branch rollouts
+    ...                                 # target suffix runs meanwhile
+    window = client.send_verdict(verdict, gamma)   # blocks until the next window arrives
+    stats = client.close()              # the draft's DraftStats; the session is freed
+
+Timing (the point of Mirror-SD): on a signal the draft starts `DraftPipeline.on_signal` in the
+session's worker thread and goes back to reading the stream. When the verdict arrives it sets
+the stop flag, waits for the rollouts to stop at their next batch boundary, then calls
+`on_verdict` and sends the window - so the draft expands branches exactly while the target
+runs its suffix, and never longer.
+
+Threads: gRPC's sync API on both ends. The client hands messages to gRPC's own sender thread
+through a queue (sending never blocks the target); the server reads each session's stream in
+a handler thread and runs rollouts in one worker thread per session.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, fields
+
+import grpc
+import numpy as np
+import torch
+
+from ..decoding.drafters.base import DraftStats
+from ..decoding.messages import DraftWindow, EarlyExitSignal, Verdict
+from ..decoding.speculative import DraftPipeline
+from ..proto.mirror.v1 import channel_pb2 as pb
+from ..proto.mirror.v1 import channel_pb2_grpc
+from ..sampling import SamplingParams
+from ..spec_config import SpecConfig
+
+log = logging.getLogger(__name__)
+
+_OPTIONAL_PATHS = ("draft_model", "adapter", "exit_head", "vocab_trim")  # None <-> ""
+_MESSAGE_MB = 64  # stochastic windows carry [G, vocab] floats (~1 MB at G=5, V=49152)
+_GRPC_OPTIONS = [("grpc.max_send_message_length", _MESSAGE_MB << 20),
+                 ("grpc.max_receive_message_length", _MESSAGE_MB << 20)]
+
+
+class ChannelError(RuntimeError):
+    """The draft side reported an error, or the stream broke."""
+
+
+# --- conversions between mirror.decoding.messages and the protos --------------------------------
+def spec_to_proto(spec: SpecConfig) -> pb.SpecConfig:
+    return pb.SpecConfig(**{f.name: ("" if getattr(spec, f.name) is None else getattr(spec, f.name))
+                            for f in fields(SpecConfig)})
+
+
+def spec_from_proto(msg: pb.SpecConfig) -> SpecConfig:
+    d = {f.name: getattr(msg, f.name) for f in fields(SpecConfig)}
+    for k in _OPTIONAL_PATHS:
+        d[k] = d[k] or None
+    return SpecConfig(**d)
+
+
+def sampling_to_proto(params: SamplingParams) -> pb.DraftSampling:
+    return pb.DraftSampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                            seed=params.seed, max_new_tokens=params.max_new_tokens)
+
+
+def sampling_from_proto(msg: pb.DraftSampling) -> SamplingParams:
+    return SamplingParams(max_new_tokens=msg.max_new_tokens, temperature=msg.temperature, top_k=msg.top_k,
+                          top_p=msg.top_p, seed=msg.seed if msg.HasField("seed") else None)
+
+
+def signal_to_proto(signal: EarlyExitSignal) -> pb.EarlyExitSignal:
+    kappa = signal.top_ids.shape[-1]
+    return pb.EarlyExitSignal(step=signal.step, kappa=kappa, top_ids=signal.top_ids.reshape(-1).tolist(),
+                              top_logprobs=signal.top_logprobs.reshape(-1).tolist())
+
+
+def signal_from_proto(msg: pb.EarlyExitSignal) -> EarlyExitSignal:
+    ids = torch.tensor(msg.top_ids, dtype=torch.long).view(-1, msg.kappa)  # [G+1, kappa]
+    logp = torch.tensor(msg.top_logprobs, dtype=torch.float32).view(-1, msg.kappa)  # [G+1, kappa]
+    return EarlyExitSignal(msg.step, ids, logp)
+
+
+def window_to_proto(window: DraftWindow, step: int) -> pb.DraftWindow:
+    msg = pb.DraftWindow(step=step, ids=window.ids, source=window.source)
+    if window.probs is not None:  # [G, V]
+        msg.vocab_size = window.probs.shape[-1]
+        msg.probs = window.probs.float().contiguous().numpy().astype("<f4", copy=False).tobytes()
+    return msg
+
+
+def window_from_proto(msg: pb.DraftWindow) -> DraftWindow:
+    probs = None
+    if msg.vocab_size:
+        flat = np.frombuffer(msg.probs, dtype="<f4").astype(np.float32)  # a writable copy
+        probs = torch.from_numpy(flat).view(len(msg.ids), msg.vocab_size)  # [G, V]
+    return DraftWindow(list(msg.ids), probs, msg.source)
+
+
+def stats_from_proto(msg: pb.DraftStats) -> DraftStats:
+    return DraftStats(msg.computed, msg.used, msg.hits, msg.misses, msg.branches, dict(msg.by_source))
+
+
+# --- draft side --------------------------------------------------------------------------------
+@dataclass(slots=True)
+class SessionRequest:
+    """A decoded Open message: what a DraftFactory builds a pipeline from."""
+
+    session_id: str
+    prompt_ids: list[int]
+    first_token: int
+    gamma: int
+    spec: SpecConfig
+    params: SamplingParams
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt_ids + [self.first_token]
+
+    @property
+    def max_len(self) -> int:
+        """Longest context the draft will see (as mirror.decoding.factory.generate sizes it)."""
+        return len(self.prompt_ids) + self.params.max_new_tokens + self.spec.gamma + 2
+
+
+DraftFactory = Callable[[SessionRequest], DraftPipeline]
+
+
+def model_draft_factory(target_model) -> DraftFactory:
+    """Drafts built by `build_drafter` over `target_model` (self-drafts share its weights; a
+    separate draft model comes from `spec.draft_model`), as the in-process path builds them."""
+    from ..decoding.factory import build_drafter
+
+    def factory(req: SessionRequest) -> DraftPipeline:
+        return DraftPipeline(build_drafter(target_model, req.spec, req.params, req.max_len), req.spec)
+
+    return factory
+
+
+class _Session:
+    def __init__(self, req: SessionRequest, pipeline: DraftPipeline, ack_signals: bool):
+        self.req, self.pipeline, self.ack_signals = req, pipeline, ack_signals
+        self.worker = futures.ThreadPoolExecutor(1, thread_name_prefix=f"draft-{req.session_id[:8]}")
+        self.stop = threading.Event()
+        self.expansion: futures.Future | None = None
+        self.closed = False
+
+    def start(self) -> DraftWindow:
+        with torch.inference_mode():
+            return self.pipeline.start(self.req.context, self.req.gamma)
+
+    def on_signal(self, signal: EarlyExitSignal) -> None:
+        self._finish_expansion()  # a signal without a verdict in between: drop the old rollouts
+        self.stop.clear()
+        self.expansion = self.worker.submit(self._expand, signal)
+
+    def _expand(self, signal: EarlyExitSignal) -> int:
+        with torch.inference_mode():
+            return self.pipeline.on_signal(signal, should_stop=self.stop.is_set)
+
+    def _finish_expansion(self) -> None:
+        if self.expansion is not None:
+            self.stop.set()
+            fut, self.expansion = self.expansion, None
+            fut.result()  # re-raises a failed expansion
+
+    def on_verdict(self, verdict: Verdict, gamma: int) -> DraftWindow:
+        self._finish_expansion()
+        with torch.inference_mode():
+            return self.pipeline.on_verdict(verdict, gamma)
+
+    def stats(self) -> pb.DraftStats:
+        st = self.pipeline.drafter.totals()
+        return pb.DraftStats(computed=st.computed, used=st.used, hits=st.hits, misses=st.misses,
+                             branches=st.branches, by_source={str(k): int(v) for k, v in st.by_source.items()})
+
+    def close(self) -> None:
+        """Idempotent; from the handler thread or gRPC's termination callback."""
+        if self.closed:
+            return
+        self.closed = True
+        self.stop.set()
+        self.worker.shutdown(wait=True, cancel_futures=True)  # a running expansion stops at its next batch
+        self.pipeline.drafter.close()
+
+
+class DraftChannelServicer(channel_pb2_grpc.DraftChannelServicer):
+    """Hosts DraftPipelines, one per Session stream. `sessions` maps session id -> live session."""
+
+    def __init__(self, factory: DraftFactory):
+        self.factory = factory
+        self.sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()
+
+    def _drop(self, session: _Session | None) -> None:
+        if session is None:
+            return
+        session.close()  # first, so a session missing from the table is fully closed
+        with self._lock:
+            if self.sessions.get(session.req.session_id) is session:
+                del self.sessions[session.req.session_id]
+
+    def Session(self, request_iterator, context):
+        session: _Session | None = None
+        # Runs when the RPC ends for any reason - also when the target vanishes while this
+        # handler is not being resumed - so a session never outlives its stream.
+        context.add_callback(lambda: self._drop(session))
+        try:
+            for msg in request_iterator:
+                kind = msg.WhichOneof("kind")
+                if kind == "open":
+                    if session is not None:
+                        raise ValueError("the session is already open")
+                    o = msg.open
+                    req = SessionRequest(o.session_id or uuid.uuid4().hex, list(o.prompt_ids), o.first_token,
+                                         o.gamma, spec_from_proto(o.spec), sampling_from_proto(o.sampling))
+                    session = _Session(req, self.factory(req), o.ack_signals)
+                    with self._lock:
+                        if req.session_id in self.sessions:
+                            session.close()
+                            session = None
+                            raise ValueError(f"session {req.session_id!r} already exists")
+                        self.sessions[req.session_id] = session
+                    yield pb.DraftMessage(window=window_to_proto(session.start(), step=0))
+                elif session is None:
+                    raise ValueError(f"{kind} before open")
+                elif kind == "signal":
+                    session.on_signal(signal_from_proto(msg.signal))
+                    if session.ack_signals:
+                        yield pb.DraftMessage(ready=pb.Ready(step=msg.signal.step))
+                elif kind == "verdict":
+                    v = msg.verdict
+                    window = session.on_verdict(Verdict(v.step, v.accepted, v.token), v.gamma)
+                    yield pb.DraftMessage(window=window_to_proto(window, step=v.step + 1))
+                elif kind == "close":
+                    session._finish_expansion()
+                    stats = session.stats()
+                    self._drop(session)  # freed before the target hears back
+                    yield pb.DraftMessage(stats=stats)
+                    return
+                else:  # cancel
+                    return
+        except Exception as e:  # report to the target; the finally frees the session
+            log.exception("draft session failed")
+            yield pb.DraftMessage(error=pb.Error(message=f"{type(e).__name__}: {e}"))
+        finally:
+            self._drop(session)
+
+
+class DraftServer:
+    """A sync gRPC server hosting a DraftChannelServicer (one handler thread per session)."""
+
+    def __init__(self, factory: DraftFactory, host: str = "127.0.0.1", port: int = 0, max_sessions: int = 8):
+        self.servicer = DraftChannelServicer(factory)
+        # + 2: a session handler per stream, and spare threads for streams that are closing
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_sessions + 2, thread_name_prefix="draft-rpc"),
+                                  options=_GRPC_OPTIONS, maximum_concurrent_rpcs=max_sessions)
+        channel_pb2_grpc.add_DraftChannelServicer_to_server(self.servicer, self.server)
+        self.host = host
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {host}:{port}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> "DraftServer":
+        self.server.start()
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.server.stop(grace).wait()
+
+    def __enter__(self) -> "DraftServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --- target side -------------------------------------------------------------------------------
+_END = object()
+
+
+class DraftChannelClient:
+    """The target's end of one session at a time (open -> signals/verdicts -> close)."""
+
+    def __init__(self, target: str = "127.0.0.1:50052", channel: grpc.Channel | None = None,
+                 session_timeout: float | None = None, reply_timeout: float | None = None):
+        """`session_timeout`: a deadline in seconds for each whole session (None = none).
+        `reply_timeout`: how long to wait for any one draft reply; a draft slower than this is
+        treated as stalled (ChannelError), which the runtime turns into target-only decoding."""
+        self.session_timeout = session_timeout
+        self.reply_timeout = reply_timeout
+        self._inbox: queue.SimpleQueue | None = None
+        self.channel = channel or grpc.insecure_channel(target, options=_GRPC_OPTIONS)
+        self._own_channel = channel is None
+        self.stub = channel_pb2_grpc.DraftChannelStub(self.channel)
+        self._out: queue.SimpleQueue | None = None
+        self._call = None
+        self.session_id: str | None = None
+        self._step = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._call is not None
+
+    def _send(self, msg: pb.TargetMessage) -> None:
+        if self._out is None:
+            raise ChannelError("no open session")
+        self._out.put(msg)
+
+    def _read(self, call, inbox: queue.SimpleQueue) -> None:
+        """Reader thread: replies (or the stream's end/error) into the inbox, so waits can time out."""
+        try:
+            for msg in call:
+                inbox.put(msg)
+            inbox.put(StopIteration())
+        except grpc.RpcError as e:
+            inbox.put(e)
+
+    def _recv(self, expect: str):
+        if self._inbox is None:
+            raise ChannelError("no open session")
+        try:
+            msg = self._inbox.get(timeout=self.reply_timeout)
+        except queue.Empty:
+            self._end(cancel=True)
+            raise ChannelError(f"the draft stalled: no {expect} within {self.reply_timeout:.3f} s") from None
+        if isinstance(msg, StopIteration):
+            self._end()
+            raise ChannelError(f"the draft ended the session while the target waited for {expect}")
+        if isinstance(msg, grpc.RpcError):
+            self._end()
+            raise ChannelError(f"draft channel broke: {msg.code().name}: {msg.details()}")
+        kind = msg.WhichOneof("kind")
+        if kind == "error":
+            self._end()
+            raise ChannelError(f"draft error: {msg.error.message}")
+        if kind != expect:
+            self._end(cancel=True)
+            raise ChannelError(f"draft sent {kind}, expected {expect}")
+        return getattr(msg, kind)
+
+    def _window(self, step: int) -> DraftWindow:
+        w = self._recv("window")
+        if w.step != step:
+            self._end(cancel=True)
+            raise ChannelError(f"draft window for step {w.step}, expected {step}")
+        return window_from_proto(w)
+
+    def open(self, prompt_ids: list[int], first_token: int, gamma: int, spec: SpecConfig,
+             params: SamplingParams, session_id: str | None = None, ack_signals: bool = False) -> DraftWindow:
+        """Start a session; returns the draft's first window (drafted from prompt + first token)."""
+        if self.is_open:
+            raise ChannelError("a session is already open on this client")
+        self.session_id = session_id or uuid.uuid4().hex
+        self._out = queue.SimpleQueue()
+        self._call = self.stub.Session(iter(self._out.get, _END), timeout=self.session_timeout)
+        self._inbox = queue.SimpleQueue()
+        threading.Thread(target=self._read, args=(self._call, self._inbox), daemon=True,
+                         name="draft-channel-reader").start()
+        self._send(pb.TargetMessage(open=pb.Open(
+            session_id=self.session_id, prompt_ids=prompt_ids, first_token=first_token, gamma=gamma,
+            spec=spec_to_proto(spec), sampling=sampling_to_proto(params), ack_signals=ack_signals)))
+        return self._window(0)
+
+    def send_signal(self, signal: EarlyExitSignal) -> None:
+        """Hand the early-exit signal to the draft; returns without waiting."""
+        self._send(pb.TargetMessage(signal=signal_to_proto(signal)))
+
+    def wait_ready(self) -> int:
+        """With ack_signals: block until the draft acknowledges a signal; returns its step."""
+        return self._recv("ready").step
+
+    def send_verdict(self, verdict: Verdict, gamma: int) -> DraftWindow:
+        """Send the verdict; blocks until the next window (of at most `gamma` tokens) arrives."""
+        self._send(pb.TargetMessage(verdict=pb.Verdict(step=verdict.step, accepted=verdict.accepted,
+                                                       token=verdict.token, gamma=gamma)))
+        return self._window(verdict.step + 1)
+
+    def close(self) -> DraftStats:
+        """End the session normally; returns the draft's counters for it."""
+        if not self.is_open:
+            return DraftStats()
+        self._send(pb.TargetMessage(close=pb.Close()))
+        stats = stats_from_proto(self._recv("stats"))
+        self._end()
+        return stats
+
+    def cancel(self) -> None:
+        """Abandon the session (idempotent): the draft stops and frees it."""
+        if self.is_open:
+            self._send(pb.TargetMessage(cancel=pb.Cancel()))
+            self._end(cancel=True)
+
+    def _end(self, cancel: bool = False) -> None:
+        if self._out is not None:
+            self._out.put(_END)
+        if cancel and self._call is not None:
+            self._call.cancel()
+        self._out, self._call, self.session_id, self._inbox = None, None, None, None
+
+    def shutdown(self) -> None:
+        """Cancel any session and close the gRPC channel if this client made it."""
+        self.cancel()
+        if self._own_channel:
+            self.channel.close()
+
+    def __enter__(self) -> "DraftChannelClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,73 @@
+"""Speculative decoding with the draft behind the token channel.
+
+`RemoteDraftPipeline` gives a DraftChannelClient the interface of `DraftPipeline`, so the
+decoding loop is `generate_speculative` itself - the same code as in-process, only the draft's
+half of every rendezvous crosses gRPC:
+
+    target.prefix -> signal ---- send_signal (returns at once) ----> draft expands branches
+    target.suffix (meanwhile)
+    verdict --------------------- send_verdict (waits) ------------> draft: stop, hit/miss
+    window <--------------------------------------------------------
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..decoding.drafters.base import DraftStats
+from ..decoding.messages import DraftWindow, EarlyExitSignal, Verdict
+from ..decoding.result import GenerationResult
+from ..decoding.speculative import generate_speculative
+from ..decoding.target import TargetPipeline
+from ..sampling import SamplingParams
+from ..spec_config import SpecConfig
+from ..tokenizer import Tokenizer
+from .channel import DraftChannelClient
+
+
+class RemoteDraftPipeline:
+    """DraftPipeline's methods over the channel. `drafter` is the pipeline itself because
+    generate_speculative reads the draft's counters from `draft.drafter.totals()` once, after
+    the loop; here that call closes the session and returns the counters the draft sent."""
+
+    def __init__(self, client: DraftChannelClient, spec: SpecConfig, params: SamplingParams):
+        self.client, self.spec, self.params = client, spec, params
+        self.drafter = self
+        self._stats: DraftStats | None = None
+
+    def start(self, ctx: list[int], gamma: int) -> DraftWindow:
+        return self.client.open(ctx[:-1], ctx[-1], gamma, self.spec, self.params)
+
+    def on_signal(self, signal: EarlyExitSignal, should_stop=None) -> int:
+        self.client.send_signal(signal)
+        return 0  # the draft counts its branches; they arrive with totals()
+
+    def on_verdict(self, verdict: Verdict, gamma: int) -> DraftWindow:
+        return self.client.send_verdict(verdict, gamma)
+
+    def totals(self) -> DraftStats:
+        if self._stats is None:
+            self._stats = self.client.close()
+        return self._stats
+
+    def release(self) -> None:
+        """Free the draft's session if the loop ended without totals() (an error)."""
+        self.client.cancel()
+
+
+def generate_remote(target: TargetPipeline, client: DraftChannelClient, tokenizer: Tokenizer,
+                    prompt_ids: list[int], params: SamplingParams, spec: SpecConfig,
+                    on_chunk: Callable[[str, list[int]], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+    """`generate_speculative` (sd or mirror) with the draft served by a DraftChannelServicer.
+
+    `target` is this process's TargetPipeline (built with the same params and spec); the
+    draft side builds its drafter from the spec and params sent in the session's Open."""
+    draft = RemoteDraftPipeline(client, spec, params)
+    try:
+        with torch.inference_mode():
+            return generate_speculative(target, draft, tokenizer, prompt_ids, params, spec,
+                                        on_chunk, should_stop)
+    finally:
+        draft.release()

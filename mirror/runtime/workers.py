@@ -1,0 +1,303 @@
+"""Ray actors: TargetWorker (the target, optionally tensor-parallel) and DraftWorker (the draft on
+its own accelerator, serving the gRPC token channel).
+
+Placement: target workers ask for GPUs (`num_gpus`; CPU when there is none) and optionally a
+custom target resource; the draft asks for a custom resource of its own (`mirror_draft_accel`
+by default - Ray's built-in `NPU` means Huawei Ascend) plus a GPU when its backend is another
+GPU. Each worker pins itself to its own cores (`os.sched_setaffinity`) and thread count, so on
+a 2-core machine the target and the draft really run side by side.
+
+Per request TargetWorker runs `generate_speculative` - the same loop as in-process - with the
+draft behind the channel (`DegradingDraftPipeline`): the early-exit signal leaves before the
+suffix runs and the verdict comes back as the next window. If the draft dies, stalls past the
+deadline or its channel breaks, the pipeline switches to empty windows and the target finishes
+alone (plain decoding through the same verification path: the same tokens).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import ray
+
+from ..decoding.drafters.base import DraftStats
+from ..decoding.messages import DraftWindow, EarlyExitSignal, Verdict
+from ..sampling import SamplingParams
+from ..spec_config import SpecConfig
+from .config import DeploymentConfig
+from .remote_generate import RemoteDraftPipeline
+
+log = logging.getLogger(__name__)
+OPEN_TIMEOUT_S = 120.0  # opening a session may build the draft (load an adapter, export ONNX)
+
+
+def pin(cores: list[int] | None, threads: int) -> dict:
+    """Pin this process to `cores` (those that exist here) and set torch's thread count."""
+    import torch
+
+    applied = None
+    if cores:
+        avail = set(os.sched_getaffinity(0)) | set(range(os.cpu_count() or 1))
+        want = [c for c in cores if c in avail]
+        if want:
+            os.sched_setaffinity(0, want)
+            applied = want
+    torch.set_num_threads(max(1, threads))
+    return {"cores": sorted(os.sched_getaffinity(0)), "pinned": applied, "threads": torch.get_num_threads()}
+
+
+def _load(deploy: DeploymentConfig, tokenizer: bool = True):
+    import torch
+
+    from ..models import load_model
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[deploy.dtype]
+    return load_model(deploy.model, dtype=dtype, tokenizer=tokenizer)
+
+
+class DegradingDraftPipeline(RemoteDraftPipeline):
+    """The remote draft, or - once it fails - no draft: empty windows, target-only decoding."""
+
+    def __init__(self, connect, spec: SpecConfig, params: SamplingParams):
+        self.connect = connect
+        super().__init__(None, spec, params)
+        self.degraded: str | None = None
+
+    def _fail(self, what: str, e: Exception) -> DraftWindow:
+        if self.degraded is None:
+            self.degraded = f"{what}: {type(e).__name__}: {e}"
+            log.warning("draft unavailable (%s); the target continues alone", self.degraded)
+        if self.client is not None:
+            try:
+                self.client.shutdown()
+            except Exception:  # already broken
+                pass
+        self.client = None
+        return DraftWindow([])
+
+    def start(self, ctx: list[int], gamma: int) -> DraftWindow:
+        try:
+            self.client = self.connect()
+            deadline, self.client.reply_timeout = self.client.reply_timeout, OPEN_TIMEOUT_S
+            w = super().start(ctx, gamma)  # the first window: includes the draft's prompt prefill
+            self.client.reply_timeout = deadline
+            return w
+        except Exception as e:
+            return self._fail("open", e)
+
+    def on_signal(self, signal: EarlyExitSignal, should_stop=None) -> int:
+        if self.client is not None:
+            try:
+                self.client.send_signal(signal)
+            except Exception as e:
+                self._fail("signal", e)
+        return 0
+
+    def on_verdict(self, verdict: Verdict, gamma: int) -> DraftWindow:
+        if self.client is None:
+            return DraftWindow([])
+        try:
+            return super().on_verdict(verdict, gamma)
+        except Exception as e:
+            return self._fail("verdict", e)
+
+    def totals(self) -> DraftStats:
+        if self.client is None:
+            return self._stats or DraftStats()
+        try:
+            st = super().totals()
+            self.client.shutdown()
+            self.client = None
+            return st
+        except Exception as e:
+            self._fail("close", e)
+            return DraftStats()
+
+    def release(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.shutdown()
+            except Exception:
+                pass
+            self.client = None
+
+
+@ray.remote
+class DraftWorker:
+    """Hosts draft pipelines behind the DraftChannel gRPC service on this node."""
+
+    def __init__(self, deploy: dict, host: str = "0.0.0.0"):
+        from .channel import DraftServer
+
+        self.deploy = DeploymentConfig.from_dict(deploy)
+        d = self.deploy.draft
+        self.placement = pin(d.cpu_affinity, d.threads)
+        self.lm = _load(self.deploy, tokenizer=False)
+        self._nets: dict = {}
+        self._lock = threading.Lock()
+        self.server = DraftServer(self._make_pipeline, host=host, port=0).start()
+        self.addr = f"{ray.util.get_node_ip_address()}:{self.server.port}"
+
+    def _make_pipeline(self, req):
+        from ..decoding.factory import build_draft_net, build_drafter
+        from ..decoding.speculative import DraftPipeline
+
+        spec = self._apply_backend(req.spec)
+        kind = next((k for k in spec.draft.split("+") if k != "ngram"), None)
+        net = None
+        if kind is not None:
+            key = (kind, spec.draft_layers, spec.draft_model, spec.adapter, spec.vocab_trim, spec.streams,
+                   spec.stream_layers, getattr(spec, "draft_backend", "torch"))
+            with self._lock:  # one network per draft configuration, shared by sessions
+                if key not in self._nets:
+                    self._nets[key] = build_draft_net(self.lm.model, spec, kind)
+                net = self._nets[key]
+        return DraftPipeline(build_drafter(self.lm.model, spec, req.params, req.max_len, net=net), spec)
+
+    def _apply_backend(self, spec: SpecConfig) -> SpecConfig:
+        """The deployment decides where the draft runs (torch on a device, or ONNX Runtime)."""
+        import dataclasses
+
+        d = self.deploy.draft
+        kw = {}
+        names = {f.name for f in dataclasses.fields(SpecConfig)}
+        if "draft_backend" in names:
+            kw["draft_backend"] = d.backend
+            if d.backend == "onnx":
+                kw.update({k: v for k, v in (("onnx_dir", d.onnx_dir), ("onnx_providers", d.providers),
+                                              ("onnx_strict", d.strict_providers), ("onnx_threads", d.threads))
+                           if k in names})
+        return dataclasses.replace(spec, **kw) if kw else spec
+
+    def address(self) -> str:
+        return self.addr
+
+    def info(self) -> dict:
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "placement": self.placement, "sessions": len(self.server.servicer.sessions),
+                "address": self.addr}
+
+
+@ray.remote
+class TargetWorker:
+    def __init__(self, deploy: dict, rank: int = 0, world: int = 1, master: str | None = None):
+        import torch
+
+        self.deploy = DeploymentConfig.from_dict(deploy)
+        t = self.deploy.target
+        cores = [c + rank * len(t.cpu_affinity) for c in t.cpu_affinity] if t.cpu_affinity else None
+        self.placement = pin(cores, t.threads)
+        lm = _load(self.deploy)
+        self.model, self.tokenizer = lm.model, lm.tokenizer
+        if t.device == "cuda":
+            self.model = self.model.to("cuda").prepare()
+        self.rank, self.world, self.master = rank, world, master
+        self.driver = self.model
+        self._cancel: dict[str, threading.Event] = {}
+        self._active = 0
+        self._run_lock = threading.Lock()
+        torch.set_grad_enabled(False)
+
+    def setup_tp(self) -> bool:
+        """All ranks call this together: join the process group and shard the model; rank 0
+        then drives, the others follow its calls in a background thread."""
+        if self.world == 1:
+            return True
+        import torch.distributed as dist
+
+        from .tensor_parallel import TPDriver, follow, shard_model
+
+        addr, port = self.master.rsplit(":", 1)
+        t = self.deploy.target
+        backend = t.tp_backend if t.tp_backend != "auto" else ("nccl" if t.device == "cuda" else "gloo")
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
+                                world_size=self.world)
+        shard_model(self.model, self.rank, self.world)
+        if self.rank == 0:
+            self.driver = TPDriver(self.model)
+        else:
+            threading.Thread(target=follow, args=(self.model,), daemon=True, name="tp-follow").start()
+        return True
+
+    def info(self) -> dict:
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "rank": self.rank,
+                "placement": self.placement, "sessions": self._active}
+
+    def cancel(self, request_id: str) -> bool:
+        ev = self._cancel.get(request_id)
+        if ev is not None:
+            ev.set()
+        return ev is not None
+
+    def generate(self, prompt_ids: list[int], params: dict, spec: dict, request_id: str,
+                 draft_address: str | None):
+        """A Ray streaming generator of chunk dicts; the last one has finish_reason and usage."""
+        import queue
+
+        params = SamplingParams(**params)
+        spec = SpecConfig.from_dict(spec)
+        stop = threading.Event()
+        self._cancel[request_id] = stop
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        th = threading.Thread(target=self._run, args=(prompt_ids, params, spec, draft_address, stop, out),
+                              daemon=True, name=f"request-{request_id[:8]}")
+        th.start()
+        try:
+            while True:
+                item = out.get()
+                yield item
+                if "finish_reason" in item:
+                    break
+        finally:
+            stop.set()  # the consumer went away: stop decoding
+            th.join()
+            self._cancel.pop(request_id, None)
+
+    def _run(self, prompt_ids, params, spec, draft_address, stop, out) -> None:
+        from ..decoding.ar import generate_ar
+        from ..decoding.speculative import generate_speculative
+        from ..decoding.target import TargetPipeline
+
+        on_chunk = lambda text, ids: out.put({"text": text, "token_ids": list(ids)})  # noqa: E731
+        with self._run_lock:  # one request at a time on this model and its caches
+            self._active += 1
+            draft = None
+            try:
+                if spec.method == "ar":
+                    res = generate_ar(self.driver, self.tokenizer, prompt_ids, params, on_chunk, should_stop=stop.is_set)
+                else:
+                    draft = DegradingDraftPipeline(lambda: self._connect(draft_address), spec, params)
+                    exit_head = self._exit_head(spec)
+                    target = TargetPipeline(self.driver, params, spec, exit_head=exit_head)
+                    res = generate_speculative(target, draft, self.tokenizer, prompt_ids, params, spec,
+                                               on_chunk, should_stop=stop.is_set)
+                m = res.metrics
+                out.put({"finish_reason": res.finish_reason, "method": res.method,
+                         "degraded": draft.degraded if draft is not None else None,
+                         "usage": {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.new_tokens,
+                                   "tau": m.tau, "acceptance_rate": m.acceptance_rate, "hit_rate": m.hit_rate,
+                                   "prefill_ms": m.prefill_s * 1e3, "decode_ms": m.decode_s * 1e3,
+                                   "tokens_per_s": m.tokens_per_s},
+                         "metrics": m.to_dict(), "ids": res.ids})
+            except Exception as e:  # a failed request must not take the worker down
+                log.exception("request failed")
+                out.put({"finish_reason": "error", "error": f"{type(e).__name__}: {e}", "method": spec.method})
+            finally:
+                if draft is not None:
+                    draft.release()
+                if self.world > 1:
+                    self.driver.release()
+                self._active -= 1
+
+    def _connect(self, address: str | None):
+        from .channel import DraftChannelClient
+
+        if address is None:
+            raise ConnectionError("no draft worker is available")
+        return DraftChannelClient(address, reply_timeout=self.deploy.draft.deadline_ms / 1e3)
+
+    def _exit_head(self, spec: SpecConfig):
+        from ..decoding.factory import load_exit_head
+
+        return load_exit_head(spec, self.model) if self.world == 1 else None

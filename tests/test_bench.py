@@ -1,0 +1,239 @@
+"""The benchmark harness: `mirror bench`, Spec-Bench arithmetic, MT-Bench turns, the tracer and
+timeline, peers, and the exit profile. End-to-end tests use the real bundled model on tiny
+question files (16 new tokens) so the whole file stays well under a few minutes."""
+import json
+import statistics
+import sys
+
+import pytest
+
+from benchmarks import bench
+from benchmarks.exit_profile import expected_tau, fit_alpha, profile, write_profile
+from mirror import trace
+from mirror.cli import main
+from mirror.decoding.factory import generate
+from mirror.sampling import SamplingParams
+from mirror.spec_config import SpecConfig
+
+QUESTIONS = [
+    {"question_id": 1, "category": "qa", "turns": ["What is the capital of France? Answer in one sentence."]},
+    {"question_id": 2, "category": "translation",
+     "turns": ["Translate German-to-English: Der Hund schläft im Garten, weil es warm ist."]},
+]
+MT = {"question_id": 81, "category": "writing",
+      "turns": ["Write one sentence about a cat.", "Now rewrite your sentence about a dog."]}
+
+
+def write_questions(path, qs):
+    path.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    return str(path)
+
+
+@pytest.fixture
+def cli_model(bundled, monkeypatch):
+    """`mirror bench` through the real CLI, with the session's loaded model (loading is tested
+    elsewhere and takes seconds)."""
+    import mirror.models
+
+    monkeypatch.setattr(mirror.models, "load_model", lambda *a, **k: bundled)
+    return bundled
+
+
+# --- end to end ------------------------------------------------------------------------------
+def test_bench_cli_results_identical_outputs_and_speedup_arithmetic(cli_model, tmp_path, capsys):
+    qfile = write_questions(tmp_path / "q.jsonl", QUESTIONS)
+    out = tmp_path / "out"
+    rc = main(["bench", "--questions", qfile, "--methods", "ar", "sd:ngram", "mirror:ngram",
+               "--max-new-tokens", "16", "--out", str(out), "--threads", "1", "--warmup", "0",
+               "--no-progress"])
+    assert rc == 0
+    for name in ("results.json", "results.md", "speedup.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = json.loads((out / "results.json").read_text())
+    labels = ["ar", "sd:ngram", "mirror:ngram"]
+    assert res["config"]["methods"] == labels
+    assert res["config"]["specs"]["mirror:ngram"]["method"] == "mirror"
+    assert res["config"]["specs"]["mirror:ngram"]["draft"] == "ngram"
+    qs = res["questions"]
+    assert [q["category"] for q in qs] == ["qa", "translation"]
+    summary = res["summary"]
+    assert set(summary) == {"qa", "translation", "overall"}
+    for lb in labels:
+        assert summary["overall"][lb]["identical"] == len(QUESTIONS)  # greedy: lossless
+    # Spec-Bench's speedup: mean per-question tok/s over the baseline's mean, same run
+    for cat, rows in summary.items():
+        sel = [q for q in qs if cat == "overall" or q["category"] == cat]
+        base = statistics.fmean(q["methods"]["ar"]["tok_s"] for q in sel)
+        for lb in labels:
+            for q in sel:
+                m = q["methods"][lb]
+                toks = sum(t["new_tokens"] for t in m["turns"])
+                wall = sum(t["wall_s"] for t in m["turns"])
+                assert m["tok_s"] == pytest.approx(toks / wall)
+                assert wall >= sum(t["metrics"]["prefill_s"] + t["metrics"]["decode_s"] for t in m["turns"])
+            mean = statistics.fmean(q["methods"][lb]["tok_s"] for q in sel)
+            assert rows[lb]["tok_s"] == pytest.approx(mean)
+            assert rows[lb]["speedup"] == pytest.approx(mean / base)
+    assert summary["overall"]["ar"]["speedup"] == pytest.approx(1.0)
+    assert summary["overall"]["mirror:ngram"]["hit_rate"] is not None
+    md = (out / "results.md").read_text()
+    assert "| mirror:ngram |" in md and "overall" in md
+    assert "results.json" in capsys.readouterr().out
+
+
+def test_missing_question_file_exits_nonzero_naming_spec_bench(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--questions", str(tmp_path / "absent.jsonl")])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "absent.jsonl" in err and "github.com/hemingkx/Spec-Bench" in err and "question.jsonl" in err
+
+
+def test_distributed_runtime_says_not_available(tmp_path, capsys):
+    qfile = write_questions(tmp_path / "q.jsonl", QUESTIONS)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--questions", qfile, "--runtime", "distributed"])
+    assert e.value.code != 0
+    assert "not available yet" in capsys.readouterr().err
+
+
+# --- MT-Bench two turns ----------------------------------------------------------------------
+class RecordingEngine(bench.InProcessEngine):
+    def __init__(self, lm):
+        super().__init__(lm)
+        self.prompts = []
+
+    def generate(self, prompt_ids, params, spec):
+        self.prompts.append(list(prompt_ids))
+        return super().generate(prompt_ids, params, spec)
+
+
+def test_mt_bench_second_turn_holds_the_models_own_first_answer(bundled):
+    tok = bundled.tokenizer
+    eng = RecordingEngine(bundled)
+    method = bench.Method("mirror:ngram", SpecConfig(method="mirror", draft="ngram"), eng)
+    turns, outs = bench.run_turns(method, tok, MT["turns"], SamplingParams(max_new_tokens=12))
+    assert len(turns) == len(eng.prompts) == 2
+    first_answer = tok.decode(outs[0], skip_special_tokens=True).strip()
+    assert first_answer and turns[0]["text"].strip() == first_answer
+    second = tok.decode(eng.prompts[1])
+    assert MT["turns"][0] in second and first_answer in second and MT["turns"][1] in second
+    # the second prompt is the chat template over the 2-turn conversation
+    assert eng.prompts[1] == tok.encode_chat([
+        {"role": "user", "content": MT["turns"][0]}, {"role": "assistant", "content": first_answer},
+        {"role": "user", "content": MT["turns"][1]}])
+    rec = bench.question_record(turns, True)
+    assert rec["new_tokens"] == len(outs[0]) + len(outs[1])
+    assert rec["wall_s"] == pytest.approx(turns[0]["wall_s"] + turns[1]["wall_s"])
+
+
+# --- pure parts ------------------------------------------------------------------------------
+def test_parse_method():
+    label, spec = bench.parse_method("mirror:ngram+self@gamma=3,kappa=4", {"gamma": 7, "budget": 4})
+    assert label == "mirror:ngram+self@gamma=3,kappa=4"
+    assert (spec.method, spec.draft, spec.gamma, spec.kappa, spec.budget) == ("mirror", "ngram+self", 3, 4, 4)
+    assert bench.parse_method("ar", {"gamma": 3}) == ("ar", None)
+    with pytest.raises(ValueError):
+        bench.parse_method("warp:ngram", {})
+    with pytest.raises(ValueError):
+        bench.parse_method("sd:ngram@gamma", {})
+
+
+def test_alpha_fit_inverts_expected_tau():
+    for a in (0.0, 0.3, 0.8):
+        assert fit_alpha(expected_tau(a, 5), 5) == pytest.approx(a, abs=1e-6)
+    assert expected_tau(1.0, 4) == 5
+
+
+# --- trace and timeline ----------------------------------------------------------------------
+def test_tracer_off_records_nothing_and_costs_a_noop():
+    assert not trace.enabled()
+    assert trace.span("x") is trace.span("y")  # the shared no-op
+    with trace.recording() as rec:
+        with trace.span("a", "target", step=1):
+            trace.instant("b", "channel")
+    assert sorted(e["name"] for e in rec.events) == ["a", "b"]
+    assert not trace.enabled()
+
+
+def test_mirror_trace_is_chrome_format_with_pipeline_spans(cli_model, tmp_path, capsys):
+    path = tmp_path / "trace.json"
+    rc = main(["generate", "Write a haiku about the sea.", "--method", "mirror", "--draft", "ngram+self",
+               "--draft-layers", "2", "--max-new-tokens", "16", "--threads", "1", "--trace", str(path)])
+    assert rc == 0
+    events = json.loads(path.read_text())["traceEvents"]
+    assert isinstance(events, list) and events
+    for e in events:
+        assert {"ph", "ts", "pid", "tid", "name"} <= set(e)
+        assert e["ph"] in ("X", "i", "M")
+        if e["ph"] == "X":
+            assert e["dur"] >= 0
+    names = {e["name"] for e in events if e["ph"] != "M"}
+    assert {"target.start", "target.prefix", "target.suffix", "draft.on_signal", "draft.start",
+            "channel.send_signal", "channel.send_verdict", "request"} <= names
+    pre = [e for e in events if e["name"] == "target.prefix"]
+    assert [e["args"]["step"] for e in pre] == list(range(len(pre)))
+    lanes = {e["args"]["name"].split(" ")[0] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert {"target", "draft", "channel"} <= lanes
+    png = tmp_path / "trace.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- peers -----------------------------------------------------------------------------------
+def test_peers_without_transformers_say_how_to_install(bundled, monkeypatch):
+    from benchmarks.peers import PeersUnavailable, peer_methods
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(PeersUnavailable, match="pip install"):
+        peer_methods(bundled)
+
+
+def test_peers_run_side_by_side(bundled):
+    pytest.importorskip("transformers", reason="peers need the optional extra: pip install 'mirror-sd[peers]'")
+    from benchmarks.peers import peer_methods
+
+    peers = peer_methods(bundled, draft_layers=2)
+    assert [m.label for m in peers] == ["hf:plain", "hf:pld", "hf:assisted"]
+    methods = [bench.Method("ar", None, bench.InProcessEngine(bundled))] + peers
+    recs = bench.run_bench(methods, bundled.tokenizer, QUESTIONS[:1], SamplingParams(max_new_tokens=8),
+                           warmup=0, progress=False)
+    row = recs[0]["methods"]
+    assert all(isinstance(row[m.label]["identical_to_ar"], bool) for m in peers)
+    assert all(row[m.label]["new_tokens"] > 0 and row[m.label]["decode_tok_s"] is None for m in peers)
+    s = bench.summarize(recs, [m.label for m in methods])
+    assert s["overall"]["hf:plain"]["speedup"] > 0
+
+
+# --- exit profile ----------------------------------------------------------------------------
+def test_exit_profile_omega_bounds_monotone_and_last_layer(bundled, tmp_path):
+    from mirror.decoding.ar import generate_ar
+
+    from benchmarks.exit_profile import omega_on_prompt
+
+    n = bundled.model.cfg.n_layers
+    spec = SpecConfig(method="mirror", draft="ngram", gamma=3, kappa=4)
+    prof = profile(bundled, QUESTIONS, max_new_tokens=12, spec=spec, layers=[n // 2, (2 * n) // 3, n],
+                   kappas=(1, 2, 4, 8, 16), gammas=(3,), reps=1, progress=False)
+    layers, kappas = prof["config"]["layers"], prof["config"]["kappas"]
+    assert layers[-1] == n and kappas == [1, 2, 4, 8, 16]
+    for key in ("omega", "top1_hit"):
+        for row in prof[key]:
+            assert all(0.0 <= v <= 1.0 + 1e-9 for v in row)
+            assert all(a <= b + 1e-9 for a, b in zip(row, row[1:]))  # non-decreasing in kappa
+    assert prof["top1_hit"][-1] == pytest.approx([1.0] * len(kappas))  # layer N: the final head
+    assert prof["omega"][-1][0] < 1.0  # mass is q's, not a hit count
+    assert prof["config"]["positions"] > 0
+    rec = prof["recommended"]
+    assert rec["exit_layer"] < n and rec["kappa"] in kappas and rec["gamma"] == 3
+    assert prof["at_spec"]["expected_step_s"] >= prof["at_spec"]["T_M_s"] > 0
+    assert prof["measured"]["target_steps"] > 0
+    paths = write_profile(prof, str(tmp_path))
+    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "kappa=16" in open(paths["md"]).read()
+    # the instrumented decode is plain greedy decoding
+    tok = bundled.tokenizer
+    p = tok.encode_chat([{"role": "user", "content": QUESTIONS[0]["turns"][0]}])
+    ids, *_ = omega_on_prompt(bundled.model, p, 12, [n // 2], [1], set(tok.eos_ids))
+    ref = generate_ar(bundled.model, tok, p, SamplingParams(max_new_tokens=12)).ids
+    assert ids[:len(ref)] == ref

@@ -1,0 +1,215 @@
+"""The target <-> draft token channel: a real gRPC DraftServer on 127.0.0.1 in this process
+hosting the draft, the target loop in the test thread."""
+import time
+
+import pytest
+import torch
+
+from mirror.decoding.drafters.base import DraftStats
+from mirror.decoding.factory import generate
+from mirror.decoding.messages import DraftWindow, EarlyExitSignal, Verdict
+from mirror.decoding.target import TargetPipeline
+from mirror.runtime.channel import (ChannelError, DraftChannelClient, DraftServer, model_draft_factory,
+                                    sampling_from_proto, sampling_to_proto, signal_from_proto, signal_to_proto,
+                                    spec_from_proto, spec_to_proto, window_from_proto, window_to_proto)
+from mirror.runtime.remote_generate import generate_remote
+from mirror.sampling import SamplingParams
+from mirror.spec_config import SpecConfig
+
+PROMPTS = ["What is the capital of France? Answer in one sentence.",
+           "Write a short poem about the sea.",
+           "List three uses of a paperclip."]
+PARAMS = SamplingParams(max_new_tokens=48, ignore_eos=True)
+SPEC = SpecConfig(method="mirror", draft="ngram+self", draft_layers=2, gamma=4, kappa=4, budget=8, branch_batch=4)
+
+
+def wait_until(cond, timeout=10.0):
+    t0 = time.perf_counter()
+    while not cond():
+        assert time.perf_counter() - t0 < timeout, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def draft_server(bundled):
+    with DraftServer(model_draft_factory(bundled.model)) as srv:
+        yield srv
+
+
+def _remote(bundled, srv, ids, params, spec):
+    with DraftChannelClient(srv.address, session_timeout=60) as client:
+        target = TargetPipeline(bundled.model, params, spec)
+        return generate_remote(target, client, bundled.tokenizer, ids, params, spec)
+
+
+def test_greedy_mirror_through_the_channel_equals_plain_decoding(bundled, draft_server):
+    for prompt in PROMPTS:
+        ids = bundled.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        ref = generate(bundled.model, bundled.tokenizer, ids, PARAMS, SpecConfig(method="ar"))
+        res = _remote(bundled, draft_server, ids, PARAMS, SPEC)
+        assert res.ids == ref.ids and res.text == ref.text and res.finish_reason == "length"
+        m = res.metrics
+        # every verdict but the last got a window from the draft, counted there as hit or miss
+        assert m.hits + m.misses == m.target_steps - 1 and m.target_steps > 0
+        assert m.draft_tokens_computed > 0
+        assert draft_server.servicer.sessions == {}
+
+
+def test_sampled_sd_through_the_channel_equals_in_process(bundled, draft_server):
+    """Serial drafting consumes the draft's seeded generator the same way on both paths, so
+    the sampled output (and the draft probabilities that crossed the channel) must match."""
+    params = SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.95, seed=7, ignore_eos=True)
+    spec = SpecConfig(method="sd", draft="self", draft_layers=2, gamma=3)
+    ids = bundled.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[1]}])
+    ref = generate(bundled.model, bundled.tokenizer, ids, params, spec)
+    res = _remote(bundled, draft_server, ids, params, spec)
+    assert res.ids == ref.ids
+    assert res.metrics.accepted_tokens == ref.metrics.accepted_tokens
+    assert draft_server.servicer.sessions == {}
+
+
+# --- channel semantics with a scripted draft -------------------------------------------------
+class ScriptedDrafter:
+    def __init__(self):
+        self.closed = False
+
+    def totals(self):
+        return DraftStats(computed=5, used=3, hits=1, misses=2, branches=4, by_source={"scripted": 3})
+
+    def close(self):
+        self.closed = True
+
+
+class ScriptedPipeline:
+    """Expands until told to stop; records the order of events and what it received."""
+
+    def __init__(self, req):
+        self.req, self.drafter, self.events, self.signals = req, ScriptedDrafter(), [], []
+
+    def start(self, ctx, gamma):
+        self.events.append(("start", tuple(ctx), gamma))
+        return DraftWindow([1] * gamma, source="scripted")
+
+    def on_signal(self, signal, should_stop=None):
+        self.signals.append(signal)
+        self.events.append("expand")
+        while not should_stop():
+            time.sleep(0.001)
+        self.events.append("expand stopped")
+        return 0
+
+    def on_verdict(self, verdict, gamma):
+        self.events.append(("verdict", verdict.step, verdict.accepted, verdict.token, gamma))
+        return DraftWindow([verdict.token] * gamma, source="scripted")
+
+
+@pytest.fixture()
+def scripted():
+    pipelines = []
+
+    def factory(req):
+        if req.spec.draft == "ngram":
+            raise ValueError("no n-gram drafts here")
+        pipelines.append(ScriptedPipeline(req))
+        return pipelines[-1]
+
+    with DraftServer(factory) as srv:
+        yield srv, pipelines
+
+
+def _signal(step=0, G=3, kappa=4):
+    top = torch.randn(G + 1, 100).log_softmax(-1).topk(kappa, -1)
+    return EarlyExitSignal(step, top.indices, top.values)
+
+
+def test_verdict_stops_the_expansion_then_answers(scripted):
+    srv, pipelines = scripted
+    with DraftChannelClient(srv.address, session_timeout=60) as client:
+        w0 = client.open([5, 6, 7], 8, 3, SPEC, PARAMS, session_id="s1")
+        assert w0.ids == [1, 1, 1] and w0.source == "scripted"
+        p = pipelines[0]
+        assert p.req.session_id == "s1" and p.req.spec == SPEC and p.req.params.max_new_tokens == 48
+        assert set(srv.servicer.sessions) == {"s1"}
+        sig = _signal()
+        t0 = time.perf_counter()
+        client.send_signal(sig)
+        assert time.perf_counter() - t0 < 0.05, "send_signal blocked"
+        wait_until(lambda: p.events[-1] == "expand")
+        time.sleep(0.05)
+        assert p.events[-1] == "expand", "the expansion stopped before the verdict"
+        w1 = client.send_verdict(Verdict(0, 2, 42), gamma=2)
+        assert w1.ids == [42, 42]
+        assert p.events == [("start", (5, 6, 7, 8), 3), "expand", "expand stopped", ("verdict", 0, 2, 42, 2)]
+        got = p.signals[0]
+        assert torch.equal(got.top_ids, sig.top_ids) and torch.equal(got.top_logprobs, sig.top_logprobs)
+        # an sd-style step: a verdict with no signal before it
+        assert client.send_verdict(Verdict(1, 0, 9), gamma=3).ids == [9, 9, 9]
+        stats = client.close()
+        assert stats == DraftStats(5, 3, 1, 2, 4, {"scripted": 3})
+    assert srv.servicer.sessions == {} and p.drafter.closed
+
+
+def test_cancel_during_expansion_frees_the_session(scripted):
+    srv, pipelines = scripted
+    client = DraftChannelClient(srv.address, session_timeout=60)
+    client.open([5], 6, 3, SPEC, PARAMS)
+    client.send_signal(_signal())
+    wait_until(lambda: pipelines and pipelines[0].events[-1] == "expand")
+    client.cancel()
+    wait_until(lambda: srv.servicer.sessions == {})
+    wait_until(lambda: pipelines[0].events[-1] == "expand stopped")
+    assert not client.is_open
+    client.cancel()  # idempotent
+    client.shutdown()
+
+
+def test_target_vanishing_frees_the_session(scripted):
+    srv, pipelines = scripted
+    client = DraftChannelClient(srv.address, session_timeout=60)
+    client.open([5], 6, 3, SPEC, PARAMS)
+    client.send_signal(_signal())
+    wait_until(lambda: len(srv.servicer.sessions) == 1 and pipelines[0].events[-1] == "expand")
+    client.channel.close()  # no Close, no Cancel: the connection is just gone
+    wait_until(lambda: srv.servicer.sessions == {})
+    wait_until(lambda: pipelines[0].drafter.closed)
+
+
+def test_draft_errors_reach_the_target(scripted):
+    srv, _ = scripted
+    from dataclasses import replace
+
+    with DraftChannelClient(srv.address, session_timeout=60) as client:
+        with pytest.raises(ChannelError, match="no n-gram drafts here"):
+            client.open([5], 6, 3, replace(SPEC, draft="ngram"), PARAMS)
+        assert not client.is_open
+        client.open([5], 6, 3, SPEC, PARAMS)  # the client is reusable
+        with pytest.raises(ChannelError, match="draft window for step 5, expected 4"):
+            _stale_verdict(client)
+    wait_until(lambda: srv.servicer.sessions == {})
+
+
+def _stale_verdict(client):
+    """A verdict whose window comes back for another step than the client expects."""
+    from mirror.proto.mirror.v1 import channel_pb2 as pb
+
+    client._send(pb.TargetMessage(verdict=pb.Verdict(step=4, accepted=0, token=1, gamma=3)))
+    return client._window(4)
+
+
+# --- conversions -------------------------------------------------------------------------------
+def test_messages_survive_the_wire():
+    spec = SpecConfig(method="sd", draft="model", draft_model="/m", confidence=0.3, gamma=7, exit_layer=12)
+    assert spec_from_proto(spec_to_proto(spec)) == spec
+    assert spec_from_proto(spec_to_proto(SPEC)) == SPEC
+    params = SamplingParams(max_new_tokens=9, temperature=0.7, top_k=5, top_p=0.9, seed=3)
+    back = sampling_from_proto(sampling_to_proto(params))
+    assert (back.temperature, back.top_k, back.top_p, back.seed, back.max_new_tokens) == (0.7, 5, 0.9, 3, 9)
+    assert sampling_from_proto(sampling_to_proto(PARAMS)).seed is None
+    sig = _signal(step=3, G=5, kappa=8)
+    got = signal_from_proto(signal_to_proto(sig))
+    assert got.step == 3 and got.top_ids.shape == (6, 8)
+    assert torch.equal(got.top_ids, sig.top_ids) and torch.equal(got.top_logprobs, sig.top_logprobs)
+    probs = torch.rand(4, 50).softmax(-1)
+    w = window_from_proto(window_to_proto(DraftWindow([1, 2, 3, 4], probs, "net"), step=2))
+    assert w.ids == [1, 2, 3, 4] and w.source == "net" and torch.equal(w.probs, probs)
+    assert window_from_proto(window_to_proto(DraftWindow([]), step=0)).probs is None

@@ -1,0 +1,86 @@
+"""Every YAML in deploy/ loads and validates, and the cluster manifests agree with the configs
+they run."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mirror.runtime.config import DEFAULT_DRAFT_RESOURCE, DeploymentConfig
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+ALL_YAML = sorted(DEPLOY.rglob("*.yaml"))
+MANIFESTS = {"cluster.yaml", "raycluster.yaml", "rayjob.yaml"}
+CONFIGS = [p for p in ALL_YAML if p.name not in MANIFESTS]
+
+
+def test_deploy_folder_has_the_expected_files():
+    names = {p.name for p in ALL_YAML}
+    assert {"local.yaml", "single_node_two_device.yaml", "multi_node.yaml"} <= names
+    assert MANIFESTS <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_mirror_configs_validate(path):
+    cfg = DeploymentConfig.load(str(path))
+    assert cfg.draft.resource != "NPU"
+    cfg.speculative.resolve_exit_layer(30)
+
+
+def test_local_is_the_embedded_default():
+    cfg = DeploymentConfig.load(str(DEPLOY / "local.yaml"))
+    assert cfg.ray.address is None and cfg.model is None
+    assert cfg.target.cpu_affinity != cfg.draft.cpu_affinity  # separate cores
+    assert cfg.server.host == "127.0.0.1"
+
+
+def test_bad_configs_are_rejected(tmp_path):
+    bad = {
+        "unknown top-level key": {"modle": "x"},
+        "unknown draft key": {"draft": {"backnd": "onnx"}},
+        "Ray's NPU resource": {"draft": {"resource": "NPU"}},
+        "bad provider": {"draft": {"providers": ["MagicExecutionProvider"]}},
+        "bad placement": {"placement": "EVERYWHERE"},
+        "bad speculative": {"speculative": {"gamma": 0}},
+    }
+    for name, d in bad.items():
+        p = tmp_path / "bad.yaml"
+        p.write_text(yaml.safe_dump(d))
+        with pytest.raises(ValueError):
+            DeploymentConfig.load(str(p))
+
+
+def test_cluster_launcher_config_passes_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    c = prepare_config(yaml.safe_load((DEPLOY / "cluster.yaml").read_text()))
+    validate_config(c)
+    multi = DeploymentConfig.load(str(DEPLOY / "multi_node.yaml"))
+    res = {r for t in c["available_node_types"].values() for r in t["resources"]}
+    assert multi.draft.resource in res and multi.target.resource in res
+    gpu_nodes = sum(t["min_workers"] for t in c["available_node_types"].values() if t["resources"].get("GPU"))
+    assert gpu_nodes >= multi.target.num_workers
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_manifests_match_the_multi_node_config(name):
+    doc = yaml.safe_load((DEPLOY / "kuberay" / name).read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayCluster", "RayJob")
+    spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    multi = DeploymentConfig.load(str(DEPLOY / "multi_node.yaml"))
+    declared = " ".join(g["rayStartParams"].get("resources", "") for g in groups.values())
+    assert multi.draft.resource in declared and multi.target.resource in declared
+    if doc["kind"] == "RayJob":
+        entry = doc["spec"]["entrypoint"].split()
+        cfg = entry[entry.index("--config") + 1]
+        assert entry[:3] == ["python", "-m", "mirror.serve"]
+        DeploymentConfig.load(str(DEPLOY.parent / cfg))
+
+
+def test_default_draft_resource_is_not_rays_npu():
+    assert DEFAULT_DRAFT_RESOURCE != "NPU"
+
+
+def test_local_yaml_equals_the_built_in_embedded_default():
+    """`mirror generate` without --config uses DeploymentConfig.local(); keep it = deploy/local.yaml."""
+    assert DeploymentConfig.load(str(DEPLOY / "local.yaml")).to_dict() == DeploymentConfig.local().to_dict()
