@@ -362,3 +362,7 @@ def check_net(meta: dict, net, kind: str, spec=None) -> None:
         diffs.append(f"streams (n_streams, n_layers) {have} != {want}")
     if diffs:
         raise ValueError(f"the ONNX export does not match the speculative config: {'; '.join(diffs)}")
+
+
+def _has_adapter(net, target) -> bool:
+    return any(b.layer_id >= target.cfg.n_layers or b is not target.layers[b.layer_id] for b in net.blocks)
