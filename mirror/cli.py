@@ -118,6 +118,13 @@ def deployment_from_args(args):
         deploy = DeploymentConfig.load(args.config) if getattr(args, "config", None) else DeploymentConfig.local()
         spec = spec_from_args(args, deploy.speculative)
         over = {"speculative": spec}
+        # the deployment decides where its draft worker runs the draft: the ONNX flags go there too
+        draft = {new: getattr(spec, old) for old, new in (("draft_backend", "backend"), ("onnx_dir", "onnx_dir"),
+                                                          ("onnx_providers", "providers"),
+                                                          ("onnx_strict", "strict_providers"),
+                                                          ("onnx_threads", "threads")) if hasattr(args, old)}
+        if draft:
+            over["draft"] = dataclasses.replace(deploy.draft, **draft)
         if getattr(args, "model", None):
             over["model"] = args.model
         if getattr(args, "dtype", None) and args.dtype != "fp32":

@@ -356,3 +356,14 @@ def test_streaming_draft_is_exported_on_first_use_and_reused(tmp_path, monkeypat
     res2 = generate(target, tok, prompt, params, spec)
     assert res2.ids == res.ids and (folders[0] / "draft.json").stat().st_mtime_ns == stamp
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_token_channel_carries_a_spec_with_an_onnx_backend():
+    """The distributed runtime sends the SpecConfig over gRPC; where the draft runs is the draft
+    worker's deployment setting (draft.backend, onnx_dir, providers), not part of the message."""
+    from mirror.runtime.channel import spec_from_proto, spec_to_proto
+
+    spec = SpecConfig(method="mirror", draft="self", draft_layers=3, draft_backend="onnx", onnx_dir="/x",
+                      onnx_providers=[QNN], onnx_strict=True)
+    back = spec_from_proto(spec_to_proto(spec))
+    assert (back.draft, back.draft_layers, back.draft_backend, back.onnx_dir) == ("self", 3, "torch", None)
