@@ -39,7 +39,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
     """Speculative settings; each one given overrides the base config (see spec_from_args)."""
-    from .spec_config import DRAFTS, METHODS, RULES
+    from .spec_config import DRAFT_BACKENDS, DRAFTS, METHODS, RULES
 
     S = argparse.SUPPRESS
     g = p.add_argument_group("speculative decoding (defaults: the deployment config's)")
@@ -59,11 +59,23 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--streams", type=int, default=S, help="speculative-streaming lookahead streams")
     g.add_argument("--stream-layers", type=int, default=S)
     g.add_argument("--rule", default=S, choices=RULES, help="acceptance rule at temperature > 0")
+    o = p.add_argument_group("draft backend: ONNX Runtime (see mirror export-draft)")
+    o.add_argument("--draft-backend", default=S, choices=DRAFT_BACKENDS,
+                   help="where the draft network runs: torch, or onnx (ONNX Runtime on an execution provider)")
+    o.add_argument("--onnx-dir", default=S,
+                   help="exported draft folder (default: export on first use into ~/.cache/mirror-sd/onnx)")
+    o.add_argument("--onnx-provider", dest="onnx_providers", action="append", default=S, metavar="NAME|JSON",
+                   help="execution provider in priority order (repeatable): a name such as "
+                        "QNNExecutionProvider, or JSON {\"name\": ..., \"options\": {...}} (default: CPU)")
+    o.add_argument("--onnx-strict", action="store_true", default=S,
+                   help="fail instead of falling back from the first provider")
+    o.add_argument("--onnx-threads", type=int, default=S, help="intra-op threads per draft session (default 1)")
+    o.add_argument("--onnx-max-len", type=int, default=S, help="cache positions of an export made on first use")
 
 
 _SPEC_FLAGS = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "branch_batch", "confidence",
                "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers",
-               "rule")
+               "rule", "draft_backend", "onnx_dir", "onnx_providers", "onnx_strict", "onnx_threads", "onnx_max_len")
 
 
 def spec_from_args(args, base=None):
@@ -74,10 +86,26 @@ def spec_from_args(args, base=None):
 
     base = base or SpecConfig(method="ar")
     given = {k: getattr(args, k) for k in _SPEC_FLAGS if hasattr(args, k)}
+    if "onnx_providers" in given:
+        given["onnx_providers"] = _providers(given["onnx_providers"])
     try:
         return dataclasses.replace(base, **given)
     except ValueError as e:
         _die(str(e))
+
+
+def _providers(entries: list[str]) -> list:
+    """--onnx-provider values: names, or JSON objects with options."""
+    out = []
+    for e in entries:
+        if e.lstrip().startswith("{"):
+            try:
+                out.append(json.loads(e))
+            except json.JSONDecodeError as err:
+                _die(f"--onnx-provider {e!r} is not valid JSON: {err}")
+        else:
+            out.append(e)
+    return out
 
 
 def deployment_from_args(args):
@@ -90,6 +118,13 @@ def deployment_from_args(args):
         deploy = DeploymentConfig.load(args.config) if getattr(args, "config", None) else DeploymentConfig.local()
         spec = spec_from_args(args, deploy.speculative)
         over = {"speculative": spec}
+        # the deployment decides where its draft worker runs the draft: the ONNX flags go there too
+        draft = {new: getattr(spec, old) for old, new in (("draft_backend", "backend"), ("onnx_dir", "onnx_dir"),
+                                                          ("onnx_providers", "providers"),
+                                                          ("onnx_strict", "strict_providers"),
+                                                          ("onnx_threads", "threads")) if hasattr(args, old)}
+        if draft:
+            over["draft"] = dataclasses.replace(deploy.draft, **draft)
         if getattr(args, "model", None):
             over["model"] = args.model
         if getattr(args, "dtype", None) and args.dtype != "fp32":
@@ -172,6 +207,12 @@ def _generate_inprocess(args, params, spec) -> int:
                 res = generate(lm.model, lm.tokenizer, ids, params, spec, on_chunk=stream)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
+    except RuntimeError as e:
+        from .onnx.providers import ProviderFallbackError
+
+        if not isinstance(e, ProviderFallbackError):
+            raise
+        _die(str(e))
     wall = time.perf_counter() - t0
     if args.trace:
         _save_trace(rec, args.trace)
@@ -183,8 +224,12 @@ def _generate_inprocess(args, params, spec) -> int:
         print(json.dumps(d))
     else:
         sys.stdout.write("\n")
+        where = "in-process"
+        if "draft_backend" in m.extra:  # an ONNX Runtime draft: say where it ran
+            st = m.extra["draft_backend"]
+            where += f", draft on {st['provider']}" + (" after fallback" if st["fallback"] else "")
         print(_stats_line(spec.method, m.new_tokens, m.tokens_per_s, m.tau, m.acceptance_rate, m.hit_rate,
-                          m.prompt_tokens, m.prefill_s * 1e3, res.finish_reason, "in-process"), file=sys.stderr)
+                          m.prompt_tokens, m.prefill_s * 1e3, res.finish_reason, where), file=sys.stderr)
     return 0
 
 
@@ -282,6 +327,44 @@ def cmd_train_draft(args) -> int:
     except ValueError as e:
         _die(str(e))
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    return 0
+
+
+def cmd_export_draft(args) -> int:
+    from .spec_config import SpecConfig
+
+    try:
+        spec = SpecConfig(method="mirror", draft=args.draft, draft_layers=args.draft_layers,
+                          draft_model=args.draft_model, adapter=args.adapter, vocab_trim=args.vocab_trim,
+                          streams=args.streams, stream_layers=args.stream_layers)
+    except ValueError as e:
+        _die(str(e))
+    try:
+        from .onnx.export import export_from_spec
+    except ImportError as e:
+        _die(f"{e}; install the ONNX extra: pip install 'mirror-sd[onnx]'")
+    lm = load_from_args(args)
+    t0 = time.perf_counter()
+    try:
+        meta = export_from_spec(lm.model, spec, args.out, kind=args.draft, rows=args.rows,
+                                step_width=args.step_width, max_len=args.max_len,
+                                branch_slots=args.branch_slots, opset=args.opset)
+    except (ValueError, FileNotFoundError) as e:
+        _die(str(e))
+    if args.json:
+        print(json.dumps(meta))
+        return 0
+    sh = meta["shapes"]
+    print(f"exported {args.draft} draft ({meta['draft']['cache_layers']} layers, vocab {sh['vocab']}) to "
+          f"{args.out} in {time.perf_counter() - t0:.1f} s")
+    print(f"  rows {sh['rows']}, step widths {sh['step_widths']}, max_len {sh['max_len']}, branch slots "
+          f"{sh['branch_slots']}, {meta['dtype']}, opset {meta['opset']}")
+    for g in meta["graphs"].values():
+        print(f"  {g['file']}")
+    print(f"  {meta['weights']['file']} ({meta['weights']['bytes'] / 1e6:.1f} MB, shared by all graphs)")
+    if meta["vocab_trim"]:
+        print(f"  {meta['vocab_trim']['file']} ({meta['vocab_trim']['size']} tokens)")
+    print("  draft.json (metadata)")
     return 0
 
 
@@ -446,6 +529,23 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--parts", nargs="+", default=["adapter", "streams", "exit_head"])
     t.set_defaults(func=cmd_train_draft)
+    e = sub.add_parser("export-draft", help="export a draft network to ONNX (static shapes) for ONNX Runtime")
+    add_model_args(e)
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--draft", default="self", choices=["self", "model", "streaming"])
+    e.add_argument("--draft-layers", type=int, default=4, help="self-draft depth k (target layers [0, k))")
+    e.add_argument("--draft-model", default=None, help="separate draft model (GGUF or HF folder)")
+    e.add_argument("--adapter", default=None, help="trained draft artifact (mirror train-draft)")
+    e.add_argument("--vocab-trim", default=None, help="VocabTrim token set (JSON): trimmed head")
+    e.add_argument("--streams", type=int, default=0, help="speculative-streaming streams (default 2)")
+    e.add_argument("--stream-layers", type=int, default=1)
+    e.add_argument("--rows", type=int, default=8, help="hypothesis rows R of the branch graph")
+    e.add_argument("--step-width", type=int, default=64, help="tokens T per chunk call (a 1-token graph is added)")
+    e.add_argument("--max-len", type=int, default=2048, help="KV cache positions")
+    e.add_argument("--branch-slots", type=int, default=18, help="own-token slots per hypothesis row (>= gamma + 2)")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    e.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    e.set_defaults(func=cmd_export_draft)
     from benchmarks.bench import add_args as add_bench_args
 
     b = sub.add_parser("bench", help="Spec-Bench speed of ar/sd/mirror (and peers), interleaved per question")

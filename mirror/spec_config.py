@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 METHODS = ("ar", "sd", "mirror")
 DRAFTS = ("self", "model", "ngram", "streaming", "ngram+self", "ngram+streaming", "ngram+model")
 RULES = ("auto", "stochastic", "match")
+DRAFT_BACKENDS = ("torch", "onnx")
 
 
 @dataclass(slots=True)
@@ -28,6 +29,16 @@ class SpecConfig:
     ngram_min: int = 2
     ngram_max: int = 4
     rule: str = "auto"  # acceptance at T > 0 ("auto" = stochastic); greedy when temperature == 0
+    # Where the draft network runs: "torch" (eager, this process) or "onnx" (ONNX Runtime on an
+    # execution provider, e.g. an NPU; see mirror/onnx). onnx_dir: a `mirror export-draft` folder
+    # (None: export this spec's draft on first use into a cache folder, onnx_max_len positions).
+    draft_backend: str = "torch"
+    onnx_dir: str | None = None
+    onnx_providers: list | None = None  # priority list: names or {"name", "options"}; None = CPU
+    onnx_strict: bool = False  # raise instead of falling back from the preferred provider
+    onnx_threads: int = 1  # intra-op threads per draft session (1: one pinned draft core)
+    onnx_inter_threads: int = 1
+    onnx_max_len: int = 2048
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -53,6 +64,18 @@ class SpecConfig:
             raise ValueError("ngram_max must be >= ngram_min")
         if "model" in self.draft and not self.draft_model:
             raise ValueError("draft 'model' needs draft_model (a GGUF file or Hugging Face folder)")
+        if self.draft_backend not in DRAFT_BACKENDS:
+            raise ValueError(f"unknown draft backend {self.draft_backend!r}; choose one of {', '.join(DRAFT_BACKENDS)}")
+        for name, lo in (("onnx_threads", 1), ("onnx_inter_threads", 1), ("onnx_max_len", 2)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if not isinstance(self.onnx_strict, bool):
+            raise ValueError(f"onnx_strict must be true or false, got {self.onnx_strict!r}")
+        if self.draft_backend == "onnx":  # (an n-gram-only draft has no network: the backend is moot)
+            from .onnx.providers import parse_providers
+
+            parse_providers(self.onnx_providers)  # raises on a malformed list
 
     def resolve_exit_layer(self, n_layers: int) -> int:
         le = self.exit_layer or max(1, (2 * n_layers) // 3)

@@ -37,8 +37,15 @@ def load_draft_model(path: str, target: Transformer) -> Transformer:
 
 
 def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNet:
-    """The network of a 'self', 'model' or 'streaming' draft, with its trained parts if given."""
+    """The network of a 'self', 'model' or 'streaming' draft, with its trained parts if given:
+    a DraftNet, or with draft_backend="onnx" the same network exported and run by ONNX Runtime
+    (an OrtDraftNet, which NetworkDrafter drives the same way)."""
     from .artifacts import load_draft_artifact
+
+    if spec.draft_backend == "onnx":
+        from ..onnx.runtime import ort_draft_for_spec
+
+        return ort_draft_for_spec(target, spec, kind)
 
     art = load_draft_artifact(spec.adapter, target) if spec.adapter and kind != "model" else None
     trim_path = spec.vocab_trim
@@ -99,5 +106,9 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], pa
     drafter = drafter or build_drafter(model, spec, params, max_len)
     target = TargetPipeline(model, params, spec, exit_head=load_exit_head(spec, model))
     with torch.inference_mode():
-        return generate_speculative(target, DraftPipeline(drafter, spec), tokenizer, prompt_ids, params,
-                                    spec, on_chunk, should_stop)
+        res = generate_speculative(target, DraftPipeline(drafter, spec), tokenizer, prompt_ids, params,
+                                   spec, on_chunk, should_stop)
+    net = getattr(getattr(drafter, "net", None), "net", None) or getattr(drafter, "net", None)
+    if hasattr(net, "status"):  # an ONNX Runtime draft: where it ran, fallback included
+        res.metrics.extra["draft_backend"] = net.status
+    return res

@@ -56,13 +56,18 @@ class ChannelError(RuntimeError):
 
 
 # --- conversions between mirror.decoding.messages and the protos --------------------------------
+def _wire_fields() -> list[str]:
+    """SpecConfig fields the channel carries. Where the draft runs (draft_backend, onnx_*) is
+    not among them: the draft worker's deployment decides that (DraftWorker._apply_backend)."""
+    return [f.name for f in fields(SpecConfig) if f.name in pb.SpecConfig.DESCRIPTOR.fields_by_name]
+
+
 def spec_to_proto(spec: SpecConfig) -> pb.SpecConfig:
-    return pb.SpecConfig(**{f.name: ("" if getattr(spec, f.name) is None else getattr(spec, f.name))
-                            for f in fields(SpecConfig)})
+    return pb.SpecConfig(**{n: ("" if getattr(spec, n) is None else getattr(spec, n)) for n in _wire_fields()})
 
 
 def spec_from_proto(msg: pb.SpecConfig) -> SpecConfig:
-    d = {f.name: getattr(msg, f.name) for f in fields(SpecConfig)}
+    d = {n: getattr(msg, n) for n in _wire_fields()}
     for k in _OPTIONAL_PATHS:
         d[k] = d[k] or None
     return SpecConfig(**d)

@@ -80,6 +80,9 @@ class DraftNet(nn.Module):
         return KVCache.for_model(self.cfg, max_batch=max_batch, max_len=max_len, dtype=self.dtype,
                                  device=self.embed.weight.device, layers=self.layer_range)
 
+    def new_branch_buffer(self, cache: KVCache, max_rows: int, max_slots: int) -> BranchBuffer:
+        return BranchBuffer(cache, max_rows, max_slots)
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows=None,
                 kv_len: int | None = None, last_only: bool = False) -> torch.Tensor:
         h = run_blocks(self, self.blocks, self.embed(tokens), positions, cache, rows, kv_len)
@@ -93,6 +96,12 @@ class DraftNet(nn.Module):
         h = run_blocks_branch(self, self.blocks, self.embed(tokens), positions, cache, main_row, prefix,
                               buf, s_main, row0)
         return self.head(self.norm(h[:, -1:]))[:, 0]
+
+    def forward_streams(self, tokens, positions, cache, kv_len: int):
+        """Speculative-streaming pass -> (main logits [T, V'], stream logits [gamma_s, V'])."""
+        from .streaming import forward_with_streams
+
+        return forward_with_streams(self, tokens, positions, cache, kv_len)
 
     def to_full(self, ids: torch.Tensor) -> torch.Tensor:
         return ids if self.keep_ids is None else self.keep_ids[ids]
@@ -131,7 +140,7 @@ class NetworkDrafter(Drafter):
         self.net, self.vocab = net, vocab
         self.confidence = confidence
         self.cache = net.new_cache(1, max_len + gamma_max + 4)
-        self.buf = BranchBuffer(self.cache, max_rows, gamma_max + 2)
+        self.buf = net.new_branch_buffer(self.cache, max_rows, gamma_max + 2)
         self.max_rows = max_rows
         self.kv = 0
         self.gen = params.generator()

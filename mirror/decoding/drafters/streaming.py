@@ -90,7 +90,7 @@ class StreamingDrafter(NetworkDrafter):
         while True:
             toks = torch.tensor([feed])
             pos = self.positions[:, start:start + len(feed)]
-            main, streams = forward_with_streams(self.net, toks, pos, self.cache, kv_len=start + len(feed))
+            main, streams = self.net.forward_streams(toks, pos, self.cache, kv_len=start + len(feed))
             passes += 1
             pred = self.net.to_full(main.argmax(-1)).tolist()  # main-stream greedy after each fed token
             # feed[0] is already in the window (or the root); feed[1:] are last pass's guesses

@@ -1,0 +1,369 @@
+"""ONNX Runtime draft path on the real bundled model: export (through the CLI), graph parity
+with the PyTorch draft, lossless Mirror-SD with the ORT draft, provider fallback reporting,
+metadata round trip. Exports once per module into temporary folders: a 3-layer self-draft with
+a VocabTrim head through `mirror export-draft` (max_len 512), and a 2-layer streaming self-draft
+with the full head."""
+import json
+import shutil
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from benchmarks.specbench import category, default_questions_path, load_questions, select
+from mirror.cli import main as cli_main
+from mirror.decoding.drafters.network import DraftNet
+from mirror.decoding.drafters.streaming import attach_streams
+from mirror.decoding.drafters.vocab_trim import VocabTrim
+from mirror.decoding.factory import generate
+from mirror.models import PRESETS
+from mirror.onnx.export import check_net, config_fingerprint, export_draft, read_metadata
+from mirror.onnx.providers import (ProviderFallbackError, ProviderFallbackWarning, parse_providers,
+                                   provider_status)
+from mirror.onnx.runtime import OrtDraftNet, plan_chunks
+from mirror.sampling import SamplingParams
+from mirror.spec_config import SpecConfig
+
+K, MAX_LEN, ROWS, WIDTH, KEEP = 3, 512, 8, 16, 8192
+# fp32 ORT vs fp32 PyTorch: same math, different kernels and reduction orders. Logits of the
+# bundled model reach |x| ~ 30; measured max abs differences are ~7e-5.
+TOL = 2e-4
+QNN = {"name": "QNNExecutionProvider", "options": {"backend_path": "libQnnHtp.so"}}
+
+
+@pytest.fixture(scope="module")
+def trim_file(tmp_path_factory):
+    """A VocabTrim set: the 8192 lowest ids (BPE ids roughly follow merge order, so frequency)."""
+    path = str(tmp_path_factory.mktemp("trim") / "trim.json")
+    VocabTrim(range(KEEP), 49152).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, trim_file):
+    d = str(tmp_path_factory.mktemp("ort_self3"))
+    assert cli_main(["export-draft", "--draft", "self", "--draft-layers", str(K), "--vocab-trim", trim_file,
+                     "--max-len", str(MAX_LEN), "--rows", str(ROWS), "--step-width", str(WIDTH), "--out", d]) == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def ort_net(export_dir, bundled):
+    return OrtDraftNet(export_dir, target_cfg=bundled.model.cfg)
+
+
+@pytest.fixture(scope="module")
+def torch_net(bundled, trim_file):
+    return DraftNet.self_draft(bundled.model, K, keep_ids=VocabTrim.load(trim_file).keep_ids)
+
+
+@pytest.fixture(scope="module")
+def streaming_pair(bundled, tmp_path_factory):
+    """A 2-layer streaming self-draft (full head) with non-zero stream embeddings."""
+    net = DraftNet.self_draft(bundled.model, 2)
+    attach_streams(net, None, n_streams=2, n_layers=1)
+    with torch.no_grad():
+        net.streams.emb.copy_(0.05 * torch.randn(net.streams.emb.shape, generator=torch.Generator().manual_seed(1)))
+    d = str(tmp_path_factory.mktemp("ort_stream"))
+    export_draft(net, d, target_cfg=bundled.model.cfg, kind="streaming", rows=4, step_width=1, max_len=256)
+    return net, OrtDraftNet(d, target_cfg=bundled.model.cfg)
+
+
+def _tokens(n, seed=0):
+    return torch.randint(0, 49152, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _maxdiff(a, b) -> float:
+    return float((a - b).abs().max())
+
+
+# --- parity -------------------------------------------------------------------------------
+@torch.inference_mode()
+def test_step_graph_matches_torch_draft(ort_net, torch_net):
+    toks = _tokens(48)
+    c1, c2 = torch_net.new_cache(1, MAX_LEN), ort_net.new_cache(1, MAX_LEN)
+    # 37 tokens: several padded chunk calls; then single steps; then a 3-token catch-up
+    a = torch_net(toks[:, :37], torch.arange(37)[None], c1, kv_len=37, last_only=True)
+    b = ort_net(toks[:, :37], torch.arange(37)[None], c2, kv_len=37, last_only=True)
+    assert b.shape == a.shape == (1, 1, KEEP)
+    assert _maxdiff(a, b) <= TOL
+    for i in range(37, 41):
+        a = torch_net(toks[:, i:i + 1], torch.tensor([[i]]), c1, kv_len=i + 1)
+        b = ort_net(toks[:, i:i + 1], torch.tensor([[i]]), c2, kv_len=i + 1)
+        assert _maxdiff(a, b) <= TOL
+    a = torch_net(toks[:, 41:44], torch.arange(41, 44)[None], c1, kv_len=44)  # all positions' logits
+    b = ort_net(toks[:, 41:44], torch.arange(41, 44)[None], c2, kv_len=44)
+    assert b.shape == a.shape == (1, 3, KEEP)
+    assert _maxdiff(a, b) <= TOL
+    assert _maxdiff(c1.k[:, :, :, :44], c2.k[:, :, :, :44]) <= 1e-4
+    assert _maxdiff(c1.v[:, :, :, :44], c2.v[:, :, :, :44]) <= 1e-4
+    # the logits are those of the right token: a neighbouring position differs by far more
+    assert _maxdiff(a[0, 1], b[0, 2]) > 100 * TOL
+    # VocabTrim: draft ids and probabilities map back onto the target vocabulary
+    assert torch.equal(ort_net.keep_ids, torch.arange(KEEP)) and ort_net.vocab == KEEP
+    assert int(ort_net.to_full(torch.tensor([KEEP - 1]))) == KEEP - 1
+    probs = torch.softmax(b[0], -1)
+    full = ort_net.full_probs(probs, 49152)
+    assert full.shape == (3, 49152) and torch.equal(full[:, :KEEP], probs) and not full[:, KEEP:].any()
+
+
+@torch.inference_mode()
+def test_branch_graph_matches_torch_draft(ort_net, torch_net):
+    toks = _tokens(80, seed=1)
+    c1, c2 = torch_net.new_cache(1, MAX_LEN), ort_net.new_cache(1, MAX_LEN)
+    torch_net(toks[:, :60], torch.arange(60)[None], c1, kv_len=60, last_only=True)
+    ort_net(toks[:, :60], torch.arange(60)[None], c2, kv_len=60, last_only=True)
+    b1, b2 = torch_net.new_branch_buffer(c1, 16, 8), ort_net.new_branch_buffer(c2, 16, 8)
+    prefix = torch.tensor([55, 57, 60, 58, 60, 56])  # rows 5..10: across two groups of R = 8
+    pos = prefix[:, None].clone()
+    for step in range(4):
+        tk = toks[0, 60 + step:66 + step][:, None].contiguous()
+        a = torch_net.forward_branch(tk, pos, c1, 0, prefix, b1, int(prefix.max()), row0=5)
+        b = ort_net.forward_branch(tk, pos, c2, 0, prefix, b2, int(prefix.max()), row0=5)
+        assert b.shape == a.shape == (6, KEEP)
+        assert _maxdiff(a, b) <= TOL
+        pos = pos + 1
+    # a hit: row 7 (prefix 60) becomes the main state; both continue identically
+    b1.install(7, c1, 0, 60, 3)
+    b2.install(7, c2, 0, 60, 3)
+    a = torch_net(toks[:, 70:71], torch.tensor([[63]]), c1, kv_len=64)
+    b = ort_net(toks[:, 70:71], torch.tensor([[63]]), c2, kv_len=64)
+    assert _maxdiff(a, b) <= TOL
+
+
+@torch.inference_mode()
+def test_stream_graph_matches_torch_draft(streaming_pair):
+    net, ort = streaming_pair
+    V = 49152
+    assert ort.vocab == V and ort.keep_ids is None and ort.streams.n_streams == 2
+    toks = _tokens(30, seed=2)
+    c1, c2 = net.new_cache(1, 256), ort.new_cache(1, 256)
+    a = net(toks[:, :20], torch.arange(20)[None], c1, kv_len=20, last_only=True)
+    b = ort(toks[:, :20], torch.arange(20)[None], c2, kv_len=20, last_only=True)
+    assert b.shape == (1, 1, V) and _maxdiff(a, b) <= TOL
+    for start, n in ((20, 1), (21, 3), (24, 2)):  # padded (n < 3) and full passes
+        tk, pos = toks[:, start:start + n], torch.arange(start, start + n)[None]
+        ma, sa = net.forward_streams(tk, pos, c1, kv_len=start + n)
+        mb, sb = ort.forward_streams(tk, pos, c2, kv_len=start + n)
+        assert mb.shape == ma.shape == (n, V) and sb.shape == sa.shape == (2, V)
+        assert _maxdiff(ma, mb) <= TOL and _maxdiff(sa, sb) <= TOL
+    assert _maxdiff(c1.k[:, :, :, :26], c2.k[:, :, :, :26]) <= 1e-4
+
+
+# --- lossless end to end ------------------------------------------------------------------
+QPATH = default_questions_path()
+
+
+@pytest.mark.skipif(QPATH is None, reason="Spec-Bench is absent (../shared/specbench/question.jsonl)")
+def test_greedy_mirror_with_ort_draft_equals_plain_decoding(bundled, export_dir, trim_file):
+    cats = ("mt_bench", "translation", "qa")
+    qs = [q for q in select(load_questions(QPATH), 2) if category(q) in cats]
+    assert len(qs) == 6
+    tok, model = bundled.tokenizer, bundled.model
+    params = SamplingParams(max_new_tokens=48, ignore_eos=True)
+    kw = dict(method="mirror", draft="self", draft_layers=K, vocab_trim=trim_file, gamma=3, kappa=4, budget=8,
+              branch_batch=ROWS)
+    ort_spec = SpecConfig(draft_backend="onnx", onnx_dir=export_dir, **kw)
+    hits = drafted = 0
+    for i, q in enumerate(qs):
+        ids = tok.encode_chat([{"role": "user", "content": q["turns"][0]}])
+        ref = generate(model, tok, ids, params).ids
+        res = generate(model, tok, ids, params, ort_spec)
+        assert res.ids == ref
+        hits, drafted = hits + res.metrics.hits, drafted + res.metrics.drafted_tokens
+        if i < 2:  # the ORT draft proposes what the PyTorch draft proposes
+            m = generate(model, tok, ids, params, SpecConfig(**kw)).metrics
+            assert (res.metrics.accepted_tokens, res.metrics.hits) == (m.accepted_tokens, m.hits)
+    assert hits > 0 and drafted > 0
+
+
+def test_spec_mismatch_with_the_export_is_refused(bundled, export_dir, trim_file):
+    meta = read_metadata(export_dir)
+    keep = VocabTrim.load(trim_file).keep_ids
+    check_net(meta, DraftNet.self_draft(bundled.model, K, keep_ids=keep), "self")
+    with pytest.raises(ValueError, match=r"draft layers \[0, 1, 2\] != \[0, 1, 2, 3\]"):
+        check_net(meta, DraftNet.self_draft(bundled.model, 4, keep_ids=keep), "self")
+    with pytest.raises(ValueError, match="trimmed vocabulary"):
+        check_net(meta, DraftNet.self_draft(bundled.model, K), "self")
+    with pytest.raises(ValueError, match="kind 'self' != 'streaming'"):
+        check_net(meta, DraftNet.self_draft(bundled.model, K, keep_ids=keep), "streaming")
+    spec = SpecConfig(method="mirror", draft="self", draft_layers=4, vocab_trim=trim_file, draft_backend="onnx",
+                      onnx_dir=export_dir)
+    with pytest.raises(ValueError, match="does not match"):
+        generate(bundled.model, bundled.tokenizer, [1, 2, 3], SamplingParams(max_new_tokens=4), spec)
+
+
+# --- providers ----------------------------------------------------------------------------
+def test_unavailable_provider_is_reported_and_strict_raises(export_dir, bundled):
+    import onnxruntime as ort
+
+    assert "QNNExecutionProvider" not in ort.get_available_providers()  # a CPU build
+    with pytest.warns(ProviderFallbackWarning, match="QNNExecutionProvider"):
+        net = OrtDraftNet(export_dir, [QNN, "CPUExecutionProvider"])
+    st = net.status
+    assert st["fallback"] and st["cpu_fallback"] and st["provider"] == "CPUExecutionProvider"
+    assert st["requested"][0] == QNN and "QNNExecutionProvider" not in st["available"]
+    assert all(p == ["CPUExecutionProvider"] for p in st["graphs"].values())
+    with pytest.raises(ProviderFallbackError, match="QNNExecutionProvider"):
+        OrtDraftNet(export_dir, [QNN, "CPUExecutionProvider"], strict=True)
+    with pytest.raises(ProviderFallbackError):
+        OrtDraftNet(export_dir, ["CoreMLExecutionProvider"], strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asking for the CPU and getting it is no fallback
+        cpu = OrtDraftNet(export_dir, ["CPUExecutionProvider"], strict=True, intra_threads=1)
+    assert not cpu.status["fallback"] and cpu.status["threads"] == {"intra_op": 1, "inter_op": 1}
+    spec = SpecConfig(method="mirror", draft="self", draft_layers=K, draft_backend="onnx", onnx_dir=export_dir,
+                      onnx_providers=[QNN], onnx_strict=True)  # strict: no check of the spec is reached
+    with pytest.raises(ProviderFallbackError):
+        generate(bundled.model, bundled.tokenizer, [1, 2, 3], SamplingParams(max_new_tokens=4), spec)
+
+
+def test_provider_list_parsing_and_status():
+    reqs = parse_providers([QNN, "CUDAExecutionProvider"])
+    assert [r.name for r in reqs] == ["QNNExecutionProvider", "CUDAExecutionProvider"]
+    assert reqs[0].options == QNN["options"] and reqs[1].options == {}
+    for bad in ([{"nam": "x"}], ["CPU"], ["CPUExecutionProvider", "CPUExecutionProvider"], [], [3]):
+        with pytest.raises(ValueError):
+            parse_providers(bad)
+    ok = provider_status(reqs, ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                         ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert ok["fallback"] and not ok["cpu_fallback"] and ok["unavailable"] == ["QNNExecutionProvider"]
+    ok = provider_status(reqs[1:], ["CUDAExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert not ok["fallback"]
+    with pytest.raises(ValueError):
+        SpecConfig(draft_backend="onnx", onnx_providers=[{"name": "QNNExecutionProvider", "opts": {}}])
+    SpecConfig(draft_backend="onnx", draft="ngram")  # a deployment-wide backend; n-gram drafts ignore it
+
+
+# --- metadata -----------------------------------------------------------------------------
+def test_metadata_round_trip(export_dir, bundled, ort_net, tmp_path):
+    meta = read_metadata(export_dir)
+    sh = meta["shapes"]
+    assert (sh["rows"], sh["step_widths"], sh["max_len"], sh["vocab"]) == (ROWS, [1, WIDTH], MAX_LEN, KEEP)
+    assert meta["draft"]["kind"] == "self" and meta["draft"]["layers"] == K and meta["draft"]["cache_layers"] == K
+    assert meta["vocab_trim"]["size"] == KEEP and meta["dtype"] == "float32" and meta["opset"] >= 17
+    assert VocabTrim.load(f"{export_dir}/{meta['vocab_trim']['file']}").keep_ids.tolist() == list(range(KEEP))
+    assert meta["versions"]["torch"] == torch.__version__ and meta["versions"]["onnx"] == onnx.__version__
+    assert meta["target"] == config_fingerprint(bundled.model.cfg)
+    assert set(meta["graphs"]) == {"step_t1", f"step_t{WIDTH}", f"branch_r{ROWS}"}
+    for name, g in meta["graphs"].items():  # recorded signatures are the files' own
+        m = onnx.load(f"{export_dir}/{g['file']}", load_external_data=False)
+        for v in m.graph.input:
+            assert [d.dim_value for d in v.type.tensor_type.shape.dim] == g["inputs"][v.name]["shape"]
+        assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer
+                   if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 4096)
+    inputs = meta["graphs"]["step_t1"]["inputs"]
+    assert [n for n in inputs if n.startswith("k_cache")] == [f"k_cache_{i}" for i in range(K)]
+    assert inputs["k_cache_0"]["shape"] == [1, 3, MAX_LEN, 64]  # layer i of the [K, 1, 3, S, 64] host cache
+    assert tuple(ort_net.new_cache(1, 100).k.shape) == (K, 1, 3, MAX_LEN, 64)
+    assert meta["graphs"][f"branch_r{ROWS}"]["inputs"]["k_own_0"]["shape"] == [ROWS, 3, 18, 64]
+    # refusals: a different target, too long a context, a foreign or newer metadata file
+    with pytest.raises(ValueError, match="exported for target"):
+        OrtDraftNet(export_dir, target_cfg=PRESETS["tiny"])
+    with pytest.raises(ValueError, match="--max-len"):
+        ort_net.new_cache(1, MAX_LEN + 1)
+    with pytest.raises(ValueError, match="--branch-slots"):
+        ort_net.new_branch_buffer(ort_net.new_cache(1, 64), 8, 19)
+    shutil.copy(f"{export_dir}/draft.json", tmp_path / "draft.json")
+    for key, val, msg in (("version", 99, "version 99"), ("format", "x", "not a mirror")):
+        d = json.loads((tmp_path / "draft.json").read_text())
+        d[key] = val
+        (tmp_path / "draft.json").write_text(json.dumps(d))
+        with pytest.raises(ValueError, match=msg):
+            read_metadata(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="export-draft"):
+        read_metadata(str(tmp_path / "nowhere"))
+
+
+def test_chunk_plan_prefers_few_padded_calls():
+    assert plan_chunks(1, [1, 16], 32) == [1]
+    assert plan_chunks(3, [1, 16], 32) == [16]  # one padded call beats three
+    assert plan_chunks(37, [1, 16], 32) == [16, 16, 16]
+    assert plan_chunks(33, [1, 16], 32) == [16, 16, 1]
+    assert sum(plan_chunks(100, [1, 8, 64], 32)) >= 100
+    assert plan_chunks(5, [1, 16], 0.0) == [1] * 5  # free calls: no padding
+    assert np.all(np.array(plan_chunks(200, [1, 16], 32)) > 0)
+
+
+# --- every draft kind, on a tiny seeded target (fast) ---------------------------------------
+def _tiny_adapter_artifact(target, path, k=2):
+    from mirror.decoding.artifacts import save_artifact, target_fingerprint
+    from mirror.decoding.drafters.network import make_adapter
+
+    adapter = make_adapter(target.cfg, k)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a trained-looking adapter: not the identity it starts as
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    save_artifact(path, {f"adapter.{n}": t for n, t in adapter.state_dict().items()},
+                  {"layers": k, "adapter": {"ffn_dim": adapter.cfg.ffn_dim}, "target": target_fingerprint(target)})
+
+
+@pytest.mark.parametrize("kind", ["adapter", "model"])
+def test_adapter_and_separate_model_drafts_are_exported_and_lossless(kind, tmp_path):
+    from helpers import byte_tokenizer, tiny_model
+    from mirror.decoding.factory import build_draft_net
+    from mirror.models import save_hf
+    from mirror.onnx.export import export_from_spec
+
+    target, tok = tiny_model("tiny", seed=0), byte_tokenizer()
+    kw = dict(method="mirror", gamma=3, kappa=4, budget=8, branch_batch=8)
+    if kind == "adapter":
+        _tiny_adapter_artifact(target, str(tmp_path / "art.safetensors"))
+        kw.update(draft="self", adapter=str(tmp_path / "art.safetensors"))
+    else:
+        save_hf(tiny_model("tiny", seed=99, n_layers=2), str(tmp_path / "small"))
+        kw.update(draft="model", draft_model=str(tmp_path / "small"))
+    spec = SpecConfig(**kw)
+    d = str(tmp_path / "onnx")
+    meta = export_from_spec(target, spec, d, rows=4, step_width=8, max_len=128)
+    assert meta["draft"]["cache_layers"] == (3 if kind == "adapter" else 2)
+    assert ("sha256" in meta["draft"]["adapter"]) if kind == "adapter" else meta["draft"]["draft_model"]
+    tnet, onet = build_draft_net(target, spec, spec.draft), OrtDraftNet(d, target_cfg=target.cfg)
+    toks = torch.randint(1, 256, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        c1, c2 = tnet.new_cache(1, 128), onet.new_cache(1, 128)
+        a = tnet(toks, torch.arange(24)[None], c1, kv_len=24, last_only=True)
+        b = onet(toks, torch.arange(24)[None], c2, kv_len=24, last_only=True)
+    assert _maxdiff(a, b) <= 1e-4
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    ort_spec = SpecConfig(draft_backend="onnx", onnx_dir=d, **kw)
+    for prompt in ([5, 6, 7, 8], [3, 1, 4, 1, 5, 9, 2, 6], list(b"hello world")):
+        res = generate(target, tok, prompt, params, ort_spec)
+        assert res.ids == generate(target, tok, prompt, params).ids
+        ref = generate(target, tok, prompt, params, SpecConfig(**kw)).metrics
+        assert (res.metrics.accepted_tokens, res.metrics.hits) == (ref.accepted_tokens, ref.hits)
+
+
+def test_streaming_draft_is_exported_on_first_use_and_reused(tmp_path, monkeypatch):
+    from helpers import byte_tokenizer, tiny_model
+
+    monkeypatch.setenv("MIRROR_ONNX_CACHE", str(tmp_path / "cache"))
+    target, tok = tiny_model("tiny", seed=1), byte_tokenizer()
+    kw = dict(method="mirror", draft="streaming", draft_layers=2, streams=2, gamma=4, kappa=4, budget=4,
+              branch_batch=4)
+    spec = SpecConfig(draft_backend="onnx", onnx_max_len=128, **kw)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    res = generate(target, tok, prompt, params, spec)
+    assert res.ids == generate(target, tok, prompt, params).ids
+    assert res.metrics.extra["windows_by_source"]["passes"] > 0  # the streaming graph drafted
+    folders = list((tmp_path / "cache").iterdir())
+    assert len(folders) == 1 and read_metadata(str(folders[0]))["draft"]["streams"]["n_streams"] == 2
+    stamp = (folders[0] / "draft.json").stat().st_mtime_ns
+    res2 = generate(target, tok, prompt, params, spec)
+    assert res2.ids == res.ids and (folders[0] / "draft.json").stat().st_mtime_ns == stamp
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_token_channel_carries_a_spec_with_an_onnx_backend():
+    """The distributed runtime sends the SpecConfig over gRPC; where the draft runs is the draft
+    worker's deployment setting (draft.backend, onnx_dir, providers), not part of the message."""
+    from mirror.runtime.channel import spec_from_proto, spec_to_proto
+
+    spec = SpecConfig(method="mirror", draft="self", draft_layers=3, draft_backend="onnx", onnx_dir="/x",
+                      onnx_providers=[QNN], onnx_strict=True)
+    back = spec_from_proto(spec_to_proto(spec))
+    assert (back.draft, back.draft_layers, back.draft_backend, back.onnx_dir) == ("self", 3, "torch", None)
