@@ -28,6 +28,7 @@ class SpecConfig:
     stream_layers: int = 1  # N_s: top draft layers with multi-stream attention
     ngram_min: int = 2
     ngram_max: int = 4
+    ngram_datastore: str | None = None  # n-gram model of the target's own text (mirror train-draft)
     rule: str = "auto"  # acceptance at T > 0 ("auto" = stochastic); greedy when temperature == 0
     # Where the draft network runs: "torch" (eager, this process) or "onnx" (ONNX Runtime on an
     # execution provider, e.g. an NPU; see mirror/onnx). onnx_dir: a `mirror export-draft` folder

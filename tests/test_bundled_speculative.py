@@ -30,6 +30,17 @@ def reference(bundled, prompts):
 
 
 @pytest.fixture(scope="module")
+def trim_file(bundled, tmp_path_factory):
+    """A VocabTrim set for the drafts (the 8192 lowest ids, i.e. the earliest BPE merges): keeps
+    the untrained drafts cheap. Trimming changes what a draft can propose, never the output."""
+    from mirror.decoding.drafters.vocab_trim import VocabTrim
+
+    p = tmp_path_factory.mktemp("trim") / "trim.json"
+    VocabTrim(range(8192), bundled.model.cfg.vocab_size).save(str(p))
+    return str(p)
+
+
+@pytest.fixture(scope="module")
 def small_draft_dir(bundled, tmp_path_factory):
     """A separate 3-layer model sharing the tokenizer (the target's first layers, re-saved)."""
     t = bundled.model
@@ -54,10 +65,13 @@ DRAFT_SPECS = {
 
 @pytest.mark.parametrize("method", ["sd", "mirror"])
 @pytest.mark.parametrize("kind", list(DRAFT_SPECS))
-def test_bundled_greedy_speculative_equals_plain(bundled, prompts, reference, small_draft_dir, method, kind):
+def test_bundled_greedy_speculative_equals_plain(bundled, prompts, reference, small_draft_dir, trim_file,
+                                                 method, kind):
     kw = dict(DRAFT_SPECS[kind])
     if kind == "model":
         kw["draft_model"] = small_draft_dir
+    if kind != "ngram":
+        kw["vocab_trim"] = trim_file
     spec = SpecConfig(method=method, gamma=3, kappa=2, budget=2, branch_batch=2, **kw)
     steps = 0
     for p, ref in zip(prompts, reference):

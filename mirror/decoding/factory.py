@@ -68,7 +68,12 @@ def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNe
 def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams, max_len: int,
                   net: DraftNet | None = None) -> Drafter:
     kinds = spec.draft.split("+")
-    ngram = NgramDrafter(params, spec.ngram_min, spec.ngram_max) if "ngram" in kinds else None
+    ngram = None
+    if "ngram" in kinds:
+        from .drafters.ngram import load_datastore
+
+        store = load_datastore(spec.ngram_datastore) if spec.ngram_datastore else None
+        ngram = NgramDrafter(params, spec.ngram_min, spec.ngram_max, datastore=store)
     net_kind = next((k for k in kinds if k != "ngram"), None)
     network = None
     if net_kind is not None:

@@ -38,16 +38,20 @@ class DraftPipeline:
     def on_signal(self, signal: EarlyExitSignal, should_stop=None) -> int:
         """Branch-complete rollouts for the most likely hypotheses, until the verdict arrives
         (`should_stop`) or the budget is spent."""
-        return self.drafter.expand(signal, self.spec.gamma, self.spec.budget, should_stop,
-                                   self.spec.branch_batch)
+        t = time.perf_counter()
+        n = self.drafter.expand(signal, self.spec.gamma, self.spec.budget, should_stop, self.spec.branch_batch)
+        self.drafter.stats.expand_s += time.perf_counter() - t
+        return n
 
     @trace.traced("draft.on_verdict", "draft", args=lambda self, verdict, *a: {"step": verdict.step})
     def on_verdict(self, verdict: Verdict, gamma: int) -> DraftWindow:
         """Hit: the precomputed window, at zero latency. Miss: serial drafting (vanilla SD)."""
+        t = time.perf_counter()
         w = self.drafter.take(verdict) if self.spec.method == "mirror" else None
         if w is None:
             self.drafter.commit(verdict)
             w = self.drafter.propose(gamma)
+        self.drafter.stats.verdict_s += time.perf_counter() - t
         return w
 
 

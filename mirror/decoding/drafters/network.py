@@ -228,12 +228,15 @@ class NetworkDrafter(Drafter):
             if should_stop is not None and done and should_stop():
                 break
             group = hyps[b0:b0 + batch]
-            self._expand_rows(group, gamma, row0=b0)
+            self._expand_rows(group, gamma, row0=b0, should_stop=should_stop)
             done += len(group)
         self.stats.branches += done
         return done
 
-    def _expand_rows(self, group, gamma: int, row0: int) -> None:
+    def _expand_rows(self, group, gamma: int, row0: int, should_stop=None) -> None:
+        """One batch of hypothesis rows, up to `gamma` draft steps; when the verdict arrives
+        mid-way (`should_stop`) the rows keep the tokens drafted so far - shorter windows,
+        ready at once - so the draft overruns the verdict by at most one step."""
         R = len(group)
         n = len(self.ctx)  # root at n - 1, d_i at n - 1 + i, v of (j, v) at n + j
         prefix = torch.tensor([n + h.j for h in group])
@@ -254,7 +257,7 @@ class NetworkDrafter(Drafter):
             toks.append(self.net.to_full(tok))
             if pr is not None:
                 probs.append(pr)
-            if i == gamma - 1 or not bool(alive.any()):
+            if i == gamma - 1 or not bool(alive.any()) or (should_stop is not None and should_stop()):
                 break
             pos = pos + 1
             logits = self.net.forward_branch(toks[-1][:, None], pos, self.cache, 0, prefix, self.buf,

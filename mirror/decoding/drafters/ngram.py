@@ -1,11 +1,18 @@
-"""Training-free drafts by suffix lookup over the prompt and the output so far (SSSD-style).
+"""Training-free drafts by suffix lookup over the prompt and the output so far (SSSD-style),
+optionally backed by a datastore of the target's own text.
 
 The longest suffix of the context (ngram_max down to ngram_min tokens) that occurred before is
 looked up in an index of n-gram -> latest end position; the tokens that followed it are the
-draft. Deterministic proposals (one-hot), so they are lossless under every acceptance rule.
-Mirror-SD branches are lookups too: each hypothesis context costs a dict probe.
+draft. Where the context has no match, a datastore n-gram model (most frequent continuation of
+the longest known suffix, token by token) proposes instead. Deterministic proposals (one-hot),
+so they are lossless under every acceptance rule. Mirror-SD branches are lookups too: each
+hypothesis context costs a few dict probes.
 """
 from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
 
 from ...sampling import SamplingParams
 from ..messages import DraftWindow, EarlyExitSignal, Verdict
@@ -38,13 +45,77 @@ class NgramIndex:
         return []
 
 
+class NgramModel:
+    """A static datastore: for each n-gram (n_min..n_max) of a corpus, its most frequent next
+    token. Built from the target's own generations on training prompts (`mirror train-draft`),
+    never from the benchmark."""
+
+    def __init__(self, table: dict[tuple[int, ...], int], n_min: int, n_max: int, meta: dict | None = None):
+        self.table, self.n_min, self.n_max, self.meta = table, n_min, n_max, meta or {}
+
+    @classmethod
+    def build(cls, sequences, n_min: int = 2, n_max: int = 5, min_count: int = 2,
+              meta: dict | None = None) -> "NgramModel":
+        counts: dict[tuple[int, ...], Counter] = defaultdict(Counter)
+        for seq in sequences:
+            seq = list(seq)
+            for i in range(1, len(seq)):
+                for n in range(n_min, n_max + 1):
+                    if i - n >= 0:
+                        counts[tuple(seq[i - n:i])][seq[i]] += 1
+        table = {}
+        for k, c in counts.items():
+            tok, cnt = c.most_common(1)[0]
+            if cnt >= min_count:
+                table[k] = tok
+        return cls(table, n_min, n_max, meta)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def draft(self, tail: list[int], gamma: int) -> list[int]:
+        seq = list(tail[-self.n_max:])
+        out: list[int] = []
+        for _ in range(gamma):
+            nxt = None
+            for n in range(min(self.n_max, len(seq)), self.n_min - 1, -1):
+                nxt = self.table.get(tuple(seq[-n:]))
+                if nxt is not None:
+                    break
+            if nxt is None:
+                break
+            out.append(nxt)
+            seq = (seq + [nxt])[-self.n_max:]
+        return out
+
+    def save(self, path: str) -> None:
+        Path(path).write_text(json.dumps({"n_min": self.n_min, "n_max": self.n_max, "meta": self.meta,
+                                          "entries": [[list(k), v] for k, v in self.table.items()]}))
+
+    @classmethod
+    def load(cls, path: str) -> "NgramModel":
+        d = json.loads(Path(path).read_text())
+        return cls({tuple(k): v for k, v in d["entries"]}, d["n_min"], d["n_max"], d.get("meta"))
+
+
+_DATASTORES: dict[str, NgramModel] = {}
+
+
+def load_datastore(path: str) -> NgramModel:
+    if path not in _DATASTORES:
+        _DATASTORES[path] = NgramModel.load(path)
+    return _DATASTORES[path]
+
+
 class NgramDrafter(Drafter):
     name = "ngram"
 
-    def __init__(self, params: SamplingParams, n_min: int = 2, n_max: int = 4):
+    def __init__(self, params: SamplingParams, n_min: int = 2, n_max: int = 4,
+                 datastore: NgramModel | None = None):
         super().__init__(params)
         self.n_min, self.n_max = n_min, n_max
         self.index = NgramIndex(n_min, n_max)
+        self.datastore = datastore
         self._branches: dict[tuple[int, int], DraftWindow] = {}
 
     def start(self, ctx: list[int]) -> None:
@@ -55,11 +126,16 @@ class NgramDrafter(Drafter):
 
     def _draft_after(self, tail: list[int], gamma: int) -> DraftWindow:
         ids = self.index.lookup(tail, gamma)
+        if not ids and self.datastore is not None:
+            ids = self.datastore.draft(tail, gamma)
         self.stats.computed += len(ids)
         return DraftWindow(list(ids), None, self.name)
 
+    def _tail_len(self) -> int:
+        return max(self.n_max, self.datastore.n_max if self.datastore is not None else 0)
+
     def propose(self, gamma: int) -> DraftWindow:
-        self.window = self._draft_after(self.ctx[-self.n_max:], gamma)
+        self.window = self._draft_after(self.ctx[-self._tail_len():], gamma)
         self.stats.used += len(self.window.ids)
         return self.window
 
@@ -72,9 +148,10 @@ class NgramDrafter(Drafter):
     def expand(self, signal: EarlyExitSignal, gamma: int, budget: int, should_stop=None, batch: int = 8) -> int:
         self._branches = {}
         hyps = rank_hypotheses(signal, self.window, budget)
-        tail = self.ctx[-self.n_max:]
+        L = self._tail_len()
+        tail = self.ctx[-L:]
         for h in hyps:
-            ctx = (tail + self.window.ids[:h.j] + [h.token])[-self.n_max:]
+            ctx = (tail + self.window.ids[:h.j] + [h.token])[-L:]
             self._branches[(h.j, h.token)] = self._draft_after(ctx, gamma)
         self.stats.branches += len(hyps)
         return len(hyps)
