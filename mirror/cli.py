@@ -60,6 +60,7 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stream-layers", type=int, default=S)
     g.add_argument("--rule", default=S, choices=RULES, help="acceptance rule at temperature > 0")
     g.add_argument("--ngram-datastore", default=S, help="n-gram datastore of the target's text (train-draft)")
+    g.add_argument("--exit-trim", default=S, help="VocabTrim set for the early-exit head")
     o = p.add_argument_group("draft backend: ONNX Runtime (see mirror export-draft)")
     o.add_argument("--draft-backend", default=S, choices=DRAFT_BACKENDS,
                    help="where the draft network runs: torch, or onnx (ONNX Runtime on an execution provider)")
@@ -77,7 +78,7 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
 _SPEC_FLAGS = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "branch_batch", "confidence",
                "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers",
                "rule", "draft_backend", "onnx_dir", "onnx_providers", "onnx_strict", "onnx_threads", "onnx_max_len",
-               "ngram_datastore")
+               "ngram_datastore", "exit_trim")
 
 
 def spec_from_args(args, base=None):

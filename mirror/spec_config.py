@@ -23,6 +23,7 @@ class SpecConfig:
     draft_model: str | None = None  # separate draft: GGUF / HF path sharing the target's tokenizer
     adapter: str | None = None  # trained self-draft / streaming artifact (safetensors)
     exit_head: str | None = None  # trained early-exit head artifact
+    exit_trim: str | None = None  # VocabTrim set for the early-exit head (top-kappa among it)
     vocab_trim: str | None = None  # VocabTrim token set (file) for the draft head
     streams: int = 0  # speculative streaming: lookahead streams gamma_s (0 = off)
     stream_layers: int = 1  # N_s: top draft layers with multi-stream attention

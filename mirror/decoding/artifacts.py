@@ -83,10 +83,11 @@ class ExitHead(nn.Module):
         self.down = nn.Parameter(torch.zeros(target.cfg.dim, rank))
         self.up = nn.Parameter(torch.zeros(rank, target.cfg.dim))
 
+    def update(self, h: torch.Tensor) -> torch.Tensor:
+        return h + (h @ self.down.to(h.dtype)) @ self.up.to(h.dtype)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        t = self.target[0]
-        h = h + (h @ self.down.to(h.dtype)) @ self.up.to(h.dtype)
-        return t.head(h)
+        return self.target[0].head(self.update(h))
 
 
 def load_exit_head(path: str, target: Transformer) -> ExitHead:

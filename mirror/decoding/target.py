@@ -19,13 +19,46 @@ from .messages import DraftWindow, EarlyExitSignal, Verdict
 from .result import Metrics
 
 
+class EarlyExit:
+    """The early-exit head: hidden state at l_e -> top-kappa ids and log-probs per position.
+
+    The target's own final norm + LM head, optionally after a trained low-rank update
+    (`ExitHead`) and optionally restricted to a VocabTrim set - the full head over 49K tokens is
+    a fifth of a SmolLM2 step, so trimming it is what makes the early exit cheap."""
+
+    def __init__(self, model: Transformer, kappa: int, trained=None, keep_ids: torch.Tensor | None = None):
+        self.model, self.kappa, self.trained, self.keep = model, kappa, trained, keep_ids
+        self.head = None
+        if keep_ids is not None:
+            if not hasattr(model, "lm_head"):
+                raise ValueError("a trimmed early-exit head needs an unsharded target (no tensor parallelism)")
+            from .drafters.network import trimmed_head
+
+            self.head = trimmed_head(model.lm_head, keep_ids)
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.trained is not None:
+            h = self.trained.update(h)
+        # the model's own head() when untrimmed: tensor-parallel drivers mirror that call
+        logits = self.model.head(h) if self.head is None else self.head(self.model.norm(h))
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [G+1, V or |trim|]
+        top = logp.topk(min(self.kappa, logp.shape[-1]), dim=-1)
+        ids = top.indices if self.keep is None else self.keep[top.indices]
+        return ids, top.values
+
+
 class TargetPipeline:
     def __init__(self, model: Transformer, params: SamplingParams, spec: SpecConfig,
                  exit_head=None):
         self.model, self.params, self.spec = model, params, spec
         self.le = spec.resolve_exit_layer(model.cfg.n_layers)
         self.kappa = spec.kappa
-        self.exit_head = exit_head if exit_head is not None else model.head
+        keep = None
+        if spec.exit_trim:
+            from .drafters.vocab_trim import VocabTrim
+
+            keep = VocabTrim.load(spec.exit_trim).keep_ids
+        self.exit = EarlyExit(model, spec.kappa, exit_head, keep)
         self.rule = "greedy" if params.greedy else ("stochastic" if spec.rule == "auto" else spec.rule)
         self.metrics = Metrics()
         self.step = 0
@@ -70,10 +103,9 @@ class TargetPipeline:
         self._window(root, window)
         m = self.model
         self._h = m.forward_layers(m.embed(self._tokens), self._pos, self.cache, 0, self.le, kv_len=self._kv_len)
-        logp = torch.log_softmax(self.exit_head(self._h)[0].float(), dim=-1)  # [G+1, V]
-        top = logp.topk(self.kappa, dim=-1)
-        self._exit_top = top.indices
-        return EarlyExitSignal(self.step, top.indices, top.values)
+        ids, logp = self.exit(self._h[0])  # [G+1, kappa] each
+        self._exit_top = ids
+        return EarlyExitSignal(self.step, ids, logp)
 
     @trace.traced("target.suffix", "target", args=lambda self, *a: {"step": self.step})
     @torch.inference_mode()

@@ -39,8 +39,9 @@ def start_ray(deploy: DeploymentConfig) -> None:
     if ray.is_initialized():
         return
     r = deploy.ray
-    if r.address:
-        ray.init(address=r.address, namespace=r.namespace, log_to_driver=False)
+    address = r.address or os.environ.get("RAY_ADDRESS")  # set for `ray job submit` entrypoints
+    if address:
+        ray.init(address=address, namespace=r.namespace, log_to_driver=False)
         return
     t, d = deploy.target, deploy.draft
     need = t.num_workers * t.num_cpus + d.num_cpus

@@ -143,6 +143,15 @@ class Trainer:
     def build_vocab(self) -> None:
         from collections import Counter
 
+        from ..decoding.drafters.ngram import NgramModel
+
+        # the n-gram datastore: the target's own answers (its typical phrasing), for the n-gram draft
+        store = NgramModel.build([f.ids[f.n_prompt:].tolist() for f in self.train_set], n_min=1, n_max=4,
+                                 min_count=2, meta={"source": os.path.basename(self.cfg.data), "seed": self.cfg.seed,
+                                                    "target": target_fingerprint(self.t)})
+        store.save(str(self.out / "datastore.json"))
+        self.state["datastore"] = {"entries": len(store)}
+        self.log(f"[train-draft] n-gram datastore: {len(store)} entries")
         if not self.cfg.vocab_size:
             return
         counts = Counter()
@@ -307,7 +316,8 @@ class Trainer:
 
         c = self.cfg
         rep: dict = {"config": asdict(c), "draft_layers": self.k, "exit_layer": self.le,
-                     "corpus": self.state.get("corpus"), "vocab": self.state.get("vocab")}
+                     "corpus": self.state.get("corpus"), "vocab": self.state.get("vocab"),
+                     "datastore": self.state.get("datastore")}
         tensors: dict = {}
         meta = {"target": target_fingerprint(self.t), "layers": self.k, "exit_layer": self.le,
                 "vocab_trim": "vocab_trim.json" if self.trim is not None else None}
