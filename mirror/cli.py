@@ -54,13 +54,13 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-layers", type=int, default=S, help="self-draft depth k")
     g.add_argument("--draft-model", default=S, help="separate draft model (GGUF or HF folder)")
     g.add_argument("--adapter", default=S, help="trained draft artifact (mirror train-draft)")
-    g.add_argument("--exit-head", default=S, help="trained early-exit head artifact")
-    g.add_argument("--vocab-trim", default=S, help="VocabTrim token set (JSON)")
+    g.add_argument("--exit-head", default=S, help="trained early-exit head artifact; 'bundled': the one shipped for the default model")
+    g.add_argument("--vocab-trim", default=S, help="VocabTrim token set (JSON); 'bundled': shipped for the default model; 'none': no trim")
     g.add_argument("--streams", type=int, default=S, help="speculative-streaming lookahead streams")
     g.add_argument("--stream-layers", type=int, default=S)
     g.add_argument("--rule", default=S, choices=RULES, help="acceptance rule at temperature > 0")
-    g.add_argument("--ngram-datastore", default=S, help="n-gram datastore of the target's text (train-draft)")
-    g.add_argument("--exit-trim", default=S, help="VocabTrim set for the early-exit head")
+    g.add_argument("--ngram-datastore", default=S, help="n-gram datastore of the target's text (train-draft); 'bundled': shipped for the default model")
+    g.add_argument("--exit-trim", default=S, help="VocabTrim set for the early-exit head; 'bundled' as for --vocab-trim")
     o = p.add_argument_group("draft backend: ONNX Runtime (see mirror export-draft)")
     o.add_argument("--draft-backend", default=S, choices=DRAFT_BACKENDS,
                    help="where the draft network runs: torch, or onnx (ONNX Runtime on an execution provider)")
@@ -280,10 +280,19 @@ def _generate_distributed(args, params, deploy) -> int:
 
     t0 = time.perf_counter()
     try:
+        from contextlib import nullcontext
+
+        from . import trace
+
         origin = eng.runtime.start_trace() if args.trace else None
-        asyncio.run(run())
         if args.trace:
-            _save_trace(eng.runtime.stop_trace(origin), args.trace)
+            trace.start(origin)  # the driver's own lane: the request as the user sees it
+        with trace.span("request", "request", method=spec.method) if args.trace else nullcontext():
+            asyncio.run(run())
+        if args.trace:
+            rec = eng.runtime.stop_trace(origin)
+            rec.events.extend(trace.stop())
+            _save_trace(rec, args.trace)
     finally:
         import ray
 
@@ -293,9 +302,12 @@ def _generate_distributed(args, params, deploy) -> int:
     u = last.usage
     if last.finish_reason == "error":
         _die(f"generation failed: {last.error}", 1)
+    degraded = eng.completed[-1].get("degraded") if eng.completed else None
+    if degraded:  # the output is still the target's own; only the speed is lost
+        print(f"[warning: the draft failed ({degraded}); the target finished alone]", file=sys.stderr)
     if args.json:
         print(json.dumps({"text": "".join(text), "ids": out_ids, "finish_reason": last.finish_reason,
-                          "method": last.method, "runtime": "distributed", "wall_s": wall,
+                          "method": last.method, "runtime": "distributed", "wall_s": wall, "degraded": degraded,
                           "usage": None if u is None else {k: getattr(u, k) for k in u.__slots__}}))
     else:
         sys.stdout.write("\n")

@@ -146,7 +146,10 @@ def traced(name: str, cat: str = "", args: Callable[..., dict] | None = None):
             rec = _active
             if rec is None:
                 return fn(*a, **kw)
-            info = args(*a, **kw) if args else None  # before the call: it may change state
+            try:  # before the call: it may change state. Tracing never changes what runs.
+                info = args(*a, **kw) if args else None
+            except Exception as e:
+                info = {"args_error": repr(e)}
             t0 = time.perf_counter_ns()
             try:
                 return fn(*a, **kw)

@@ -90,12 +90,26 @@ def test_missing_question_file_exits_nonzero_naming_spec_bench(tmp_path, capsys)
     assert "absent.jsonl" in err and "github.com/hemingkx/Spec-Bench" in err and "question.jsonl" in err
 
 
-def test_distributed_runtime_says_not_available(tmp_path, capsys):
-    qfile = write_questions(tmp_path / "q.jsonl", QUESTIONS)
-    with pytest.raises(SystemExit) as e:
-        main(["bench", "--questions", qfile, "--runtime", "distributed"])
-    assert e.value.code != 0
-    assert "not available yet" in capsys.readouterr().err
+def test_bench_on_the_distributed_runtime_matches_in_process(cli_model, tmp_path):
+    """`--runtime distributed`: the embedded Ray runtime (target and draft actors, gRPC channel)
+    runs every method; greedy outputs equal the in-process reference and no request degraded."""
+    qfile = write_questions(tmp_path / "q.jsonl", QUESTIONS[:1])
+    out = tmp_path / "out"
+    rc = main(["bench", "--questions", qfile, "--methods", "ar", "mirror:ngram", "--max-new-tokens", "12",
+               "--out", str(out), "--threads", "1", "--warmup", "0", "--no-progress", "--runtime", "distributed"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["runtime"] == "distributed"
+    assert res["summary"]["overall"]["mirror:ngram"]["identical"] == 1
+    q = res["questions"][0]
+    prompt = bench.chat_ids(cli_model.tokenizer, [{"role": "user", "content": QUESTIONS[0]["turns"][0]}])
+    ref = generate(cli_model.model, cli_model.tokenizer, prompt, SamplingParams(max_new_tokens=12),
+                   SpecConfig(method="ar"))
+    for lb in ("ar", "mirror:ngram"):
+        turn = q["methods"][lb]["turns"][0]
+        assert turn["ids_sha1"] == bench.ids_hash(ref.ids) and turn["new_tokens"] == len(ref.ids)
+        assert not turn["metrics"]["extra"].get("degraded")
+    assert q["methods"]["mirror:ngram"]["turns"][0]["metrics"]["target_steps"] < len(ref.ids)
 
 
 # --- MT-Bench two turns ----------------------------------------------------------------------

@@ -72,6 +72,7 @@ def test_sampled_sd_through_the_channel_equals_in_process(bundled, draft_server)
 class ScriptedDrafter:
     def __init__(self):
         self.closed = False
+        self.stats = DraftStats()
 
     def totals(self):
         return DraftStats(computed=5, used=3, hits=1, misses=2, branches=4, by_source={"scripted": 3})

@@ -49,9 +49,13 @@ def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNe
 
     art = load_draft_artifact(spec.adapter, target) if spec.adapter and kind != "model" else None
     trim_path = spec.vocab_trim
-    if trim_path is None and art is not None and art.meta.get("vocab_trim"):
+    if trim_path == "none":  # explicitly untrimmed, even if the artifact was trained with a trim
+        trim_path = None
+    elif trim_path is None and art is not None and art.meta.get("vocab_trim"):
         trim_path = os.path.join(os.path.dirname(spec.adapter), art.meta["vocab_trim"])  # trained with it
-    keep = VocabTrim.load(trim_path).keep_ids if trim_path else None
+    from ..models.bundled import resolve_artifact
+
+    keep = VocabTrim.load(resolve_artifact(trim_path, "vocab_trim")).keep_ids if trim_path else None
     if kind == "model":
         return DraftNet.from_model(load_draft_model(spec.draft_model, target), keep)
     k = art.layers if art is not None else spec.draft_layers
@@ -97,7 +101,9 @@ def load_exit_head(spec: SpecConfig, target: Transformer):
         return None
     from .artifacts import load_exit_head as _load
 
-    return _load(spec.exit_head, target)
+    from ..models.bundled import resolve_artifact
+
+    return _load(resolve_artifact(spec.exit_head, "exit_head"), target)
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,

@@ -34,7 +34,7 @@ class DraftPipeline:
         self.drafter.start(ctx)
         return self.drafter.propose(gamma)
 
-    @trace.traced("draft.on_signal", "draft", args=lambda self, signal, *a: {"step": signal.step})
+    @trace.traced("draft.on_signal", "draft", args=lambda self, signal, *a, **k: {"step": signal.step})
     def on_signal(self, signal: EarlyExitSignal, should_stop=None) -> int:
         """Branch-complete rollouts for the most likely hypotheses, until the verdict arrives
         (`should_stop`) or the budget is spent."""
@@ -43,7 +43,7 @@ class DraftPipeline:
         self.drafter.stats.expand_s += time.perf_counter() - t
         return n
 
-    @trace.traced("draft.on_verdict", "draft", args=lambda self, verdict, *a: {"step": verdict.step})
+    @trace.traced("draft.on_verdict", "draft", args=lambda self, verdict, *a, **k: {"step": verdict.step})
     def on_verdict(self, verdict: Verdict, gamma: int) -> DraftWindow:
         """Hit: the precomputed window, at zero latency. Miss: serial drafting (vanilla SD)."""
         t = time.perf_counter()

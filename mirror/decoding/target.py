@@ -55,9 +55,10 @@ class TargetPipeline:
         self.kappa = spec.kappa
         keep = None
         if spec.exit_trim:
+            from ..models.bundled import resolve_artifact
             from .drafters.vocab_trim import VocabTrim
 
-            keep = VocabTrim.load(spec.exit_trim).keep_ids
+            keep = VocabTrim.load(resolve_artifact(spec.exit_trim, "vocab_trim")).keep_ids
         self.exit = EarlyExit(model, spec.kappa, exit_head, keep)
         self.rule = "greedy" if params.greedy else ("stochastic" if spec.rule == "auto" else spec.rule)
         self.metrics = Metrics()
@@ -88,7 +89,7 @@ class TargetPipeline:
         return G
 
     # --- vanilla SD ----------------------------------------------------------------------------
-    @trace.traced("target.verify", "target", args=lambda self, *a: {"step": self.step})
+    @trace.traced("target.verify", "target", args=lambda self, *a, **k: {"step": self.step})
     @torch.inference_mode()
     def verify(self, root: int, window: DraftWindow) -> Verdict:
         self._window(root, window)
@@ -96,7 +97,7 @@ class TargetPipeline:
         return self._conclude(logits, exit_top=None)
 
     # --- Mirror-SD -----------------------------------------------------------------------------
-    @trace.traced("target.prefix", "target", args=lambda self, *a: {"step": self.step})
+    @trace.traced("target.prefix", "target", args=lambda self, *a, **k: {"step": self.step})
     @torch.inference_mode()
     def prefix(self, root: int, window: DraftWindow) -> EarlyExitSignal:
         """Layers [0, l_e) over the window, then top-kappa of the early exit at every position."""
@@ -107,7 +108,7 @@ class TargetPipeline:
         self._exit_top = ids
         return EarlyExitSignal(self.step, ids, logp)
 
-    @trace.traced("target.suffix", "target", args=lambda self, *a: {"step": self.step})
+    @trace.traced("target.suffix", "target", args=lambda self, *a, **k: {"step": self.step})
     @torch.inference_mode()
     def suffix(self) -> Verdict:
         """Layers [l_e, N), acceptance, commit, rollback."""

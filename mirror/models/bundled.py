@@ -28,3 +28,18 @@ def bundled_model_path() -> str:
                 return str(f)
     raise BundledModelMissing(
         f"the default model is not installed; install it with: {INSTALL_HINT}")
+
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+BUNDLED_ARTIFACTS = {  # calibrated for the bundled model by `mirror train-draft` (see README)
+    "datastore": DATA / "smollm2-135m-instruct.datastore.json",
+    "exit_head": DATA / "smollm2-135m-instruct.exit_head.safetensors",
+    "vocab_trim": DATA / "smollm2-135m-instruct.vocab_trim.json",
+}
+
+
+def resolve_artifact(path: str | None, kind: str) -> str | None:
+    """`"bundled"` names the file shipped for the bundled default model; other paths pass."""
+    if path != "bundled":
+        return path
+    return str(BUNDLED_ARTIFACTS[kind])

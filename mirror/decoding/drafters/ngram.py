@@ -101,14 +101,12 @@ class NgramModel:
 _DATASTORES: dict[str, NgramModel] = {}
 
 
-BUNDLED_DATASTORE = Path(__file__).resolve().parents[2] / "data" / "smollm2-135m-instruct.datastore.json"
-
-
 def load_datastore(path: str) -> NgramModel:
     """A datastore file; "bundled" is the one shipped for the bundled default model (made by
     `mirror train-draft` from training prompts, see README)."""
-    if path == "bundled":
-        path = str(BUNDLED_DATASTORE)
+    from ...models.bundled import resolve_artifact
+
+    path = resolve_artifact(path, "datastore")
     if path not in _DATASTORES:
         _DATASTORES[path] = NgramModel.load(path)
     return _DATASTORES[path]

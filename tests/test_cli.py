@@ -1,0 +1,56 @@
+"""`mirror generate`, the main job: the embedded distributed runtime by default (a local Ray,
+target and draft actors, the gRPC token channel), `--inprocess` as the reference, and clear
+errors with a non-zero exit for bad input."""
+import json
+
+import pytest
+
+from mirror.cli import main
+from mirror.decoding.factory import generate
+from mirror.runtime.config import DeploymentConfig
+from mirror.sampling import SamplingParams
+from mirror.spec_config import SpecConfig
+
+PROMPT = "What is the capital of France?"
+
+
+def _reference(lm, n):
+    ids = lm.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
+    return generate(lm.model, lm.tokenizer, ids, SamplingParams(max_new_tokens=n), SpecConfig(method="ar"))
+
+
+def test_generate_default_runs_the_embedded_runtime_and_is_exact(bundled, capsys):
+    rc = main(["generate", PROMPT, "--max-new-tokens", "24", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ref = _reference(bundled, 24)
+    assert out["runtime"] == "distributed" and out["degraded"] is None
+    assert out["method"] == DeploymentConfig.local().speculative.method
+    assert out["ids"] == ref.ids and "Paris" in out["text"]
+    u = out["usage"]
+    assert u["completion_tokens"] == len(ref.ids) and u["tokens_per_s"] > 0
+
+
+def test_generate_inprocess_streams_text_then_a_stats_line(bundled, capsys):
+    rc = main(["generate", PROMPT, "--max-new-tokens", "12", "--inprocess", "--method", "sd", "--draft", "ngram",
+               "--threads", "1"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    ref = _reference(bundled, 12)
+    assert cap.out.strip() == ref.text.strip()
+    stats = cap.err.strip().splitlines()[-1]
+    assert stats.startswith("[sd") and f"{len(ref.ids)} new tokens" in stats and "tok/s" in stats
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "   "], "prompt is empty"),
+    (["generate", "Hi", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["generate", "Hi", "--temperature", "-1"], "temperature"),
+    (["generate", "Hi", "--method", "mirror", "--kappa", "0"], "kappa"),
+    (["generate", "Hi", "--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+])
+def test_bad_input_exits_nonzero_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--inprocess"])
+    assert e.value.code not in (0, None)
+    assert message in capsys.readouterr().err
