@@ -3,6 +3,7 @@ the draft's work is hidden under the target suffix.
 
     python -m benchmarks.runtime_overlap [--config deploy/local.yaml] [--per-category 2]
         [--max-new-tokens 128] [--spec '{"draft": "ngram+self"}'] [--out runs/overlap.json]
+    python -m benchmarks.runtime_overlap --from-bench runs/x/results.json   # a distributed bench run
 
 Per request the target side records (seconds, summed over steps): prefix, signal send, suffix,
 and the wait for the next window after sending the verdict; the draft side records branch
@@ -32,7 +33,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--spec", default=None, help="SpecConfig overrides as JSON")
     ap.add_argument("--out", default="runs/overlap.json")
+    ap.add_argument("--from-bench", default=None, metavar="RESULTS_JSON",
+                    help="summarise a `mirror bench --runtime distributed` results.json instead of running")
+    ap.add_argument("--method", default=None, help="with --from-bench: the method label (default: every mirror one)")
     args = ap.parse_args(argv)
+    if args.from_bench:
+        return from_bench(args.from_bench, args.method, args.out)
 
     import dataclasses
 
@@ -58,42 +64,63 @@ def main(argv=None) -> dict:
     eng = DistributedBenchEngine(_LM, args.config)
     qs = select(load_questions(args.questions), args.per_category)
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    tot = {k: 0.0 for k in ("prefix_s", "suffix_s", "signal_s", "window_s", "first_window_s", "decode_s",
-                            "expand_s", "overrun_s", "verdict_s")}
-    steps = hits = misses = tokens = 0
     t0 = time.time()
+    ms = []
     try:
         for q in tqdm(qs, desc="requests"):
             ids = tok.encode_chat([{"role": "user", "content": q["turns"][0]}])
-            res = eng.generate(ids, params, spec)
-            m = res.metrics
-            for k, v in m.extra.get("timing", {}).items():
-                tot[k] = tot.get(k, 0.0) + v
-            for k, v in m.extra.get("draft_timing", {}).items():
-                tot[k] += v
-            tot["decode_s"] += m.decode_s
-            steps += m.target_steps
-            hits += m.hits
-            misses += m.misses
-            tokens += m.new_tokens
+            ms.append(eng.generate(ids, params, spec).metrics.to_dict())
     finally:
         eng.close()
+    out = {"config": args.config or "local (embedded)", "spec": spec.to_dict(), **summarise(ms),
+           "elapsed_s": time.time() - t0}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(json.dumps(out, indent=2))
+    return out
+
+
+def summarise(metrics: list[dict]) -> dict:
+    """The overlap figures of distributed Mirror-SD requests (their `Metrics.to_dict()`)."""
+    tot = {k: 0.0 for k in ("prefix_s", "suffix_s", "signal_s", "window_s", "first_window_s", "decode_s",
+                            "expand_s", "overrun_s", "verdict_s")}
+    steps = hits = misses = tokens = 0
+    for m in metrics:
+        for k, v in m["extra"].get("timing", {}).items():
+            tot[k] = tot.get(k, 0.0) + v
+        for k, v in m["extra"].get("draft_timing", {}).items():
+            tot[k] += v
+        tot["decode_s"] += m["decode_s"]
+        steps += m["target_steps"]
+        hits += m["hits"]
+        misses += m["misses"]
+        tokens += m["new_tokens"]
     draft_total = tot["expand_s"] + tot["verdict_s"]
     exposed = tot["overrun_s"] + tot["verdict_s"]
     channel = max(0.0, tot["window_s"] - exposed) + tot["signal_s"]
-    out = {
-        "config": args.config or "local (embedded)", "spec": spec.to_dict(), "questions": len(qs),
-        "steps": steps, "tokens": tokens, "tau": (tokens - len(qs)) / steps if steps else 0.0,
+    n = len(metrics)
+    return {
+        "requests": n, "steps": steps, "tokens": tokens, "tau": (tokens - n) / steps if steps else 0.0,
         "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
         "per_step_ms": {k: 1e3 * v / max(steps, 1) for k, v in tot.items()},
         "hidden_fraction": (tot["expand_s"] - tot["overrun_s"]) / draft_total if draft_total else 0.0,
         "channel_share_of_step": channel / tot["decode_s"] if tot["decode_s"] else 0.0,
         "channel_ms_per_step": 1e3 * channel / max(steps, 1),
         "tokens_per_s": tokens / tot["decode_s"] if tot["decode_s"] else 0.0,
-        "elapsed_s": time.time() - t0,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
+
+
+def from_bench(path: str, method: str | None, out_path: str) -> dict:
+    with open(path) as f:
+        res = json.load(f)
+    labels = [method] if method else [lb for lb in res["config"]["methods"] if lb.startswith("mirror")]
+    out = {"source": path, "runtime": res["config"].get("runtime")}
+    for lb in labels:
+        ms = [t["metrics"] for q in res["questions"] for t in q["methods"][lb]["turns"]]
+        out[lb] = summarise(ms)
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as f:
         json.dump(out, f, indent=2)
     print(json.dumps(out, indent=2))
     return out

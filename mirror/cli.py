@@ -119,6 +119,8 @@ def deployment_from_args(args):
 
     try:
         deploy = DeploymentConfig.load(args.config) if getattr(args, "config", None) else DeploymentConfig.local()
+        if getattr(args, "model", None):  # another model: the default's artifacts for the bundled one go
+            deploy = deploy.with_model(args.model)
         spec = spec_from_args(args, deploy.speculative)
         over = {"speculative": spec}
         # the deployment decides where its draft worker runs the draft: the ONNX flags go there too

@@ -41,6 +41,7 @@ def test_bad_configs_are_rejected(tmp_path):
         "bad provider": {"draft": {"providers": ["MagicExecutionProvider"]}},
         "bad placement": {"placement": "EVERYWHERE"},
         "bad speculative": {"speculative": {"gamma": 0}},
+        "bundled artifacts on another model": {"model": "other.gguf", "speculative": {"exit_head": "bundled"}},
     }
     for name, d in bad.items():
         p = tmp_path / "bad.yaml"
@@ -84,3 +85,26 @@ def test_default_draft_resource_is_not_rays_npu():
 def test_local_yaml_equals_the_built_in_embedded_default():
     """`mirror generate` without --config uses DeploymentConfig.local(); keep it = deploy/local.yaml."""
     assert DeploymentConfig.load(str(DEPLOY / "local.yaml")).to_dict() == DeploymentConfig.local().to_dict()
+
+
+def test_another_model_drops_the_defaults_bundled_artifacts():
+    local = DeploymentConfig.local()
+    assert local.speculative.exit_head == "bundled" and local.speculative.ngram_datastore == "bundled"
+    other = local.with_model("other.gguf")
+    assert other.model == "other.gguf"
+    assert other.speculative.exit_head is None and other.speculative.ngram_datastore is None
+    assert other.speculative.exit_trim is None and other.speculative.method == local.speculative.method
+
+
+def test_bundled_artifacts_exist_and_load(bundled):
+    from mirror.decoding.drafters.ngram import load_datastore
+    from mirror.decoding.drafters.vocab_trim import VocabTrim
+    from mirror.decoding.factory import load_exit_head
+    from mirror.models.bundled import resolve_artifact
+
+    spec = DeploymentConfig.local().speculative
+    head = load_exit_head(spec, bundled.model)  # checks the model fingerprint
+    assert head is not None
+    trim = VocabTrim.load(resolve_artifact("bundled", "vocab_trim"))
+    assert 0 < len(trim.keep_ids) < bundled.model.cfg.vocab_size
+    assert len(load_datastore(spec.ngram_datastore).table) > 1000

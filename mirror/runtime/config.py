@@ -96,6 +96,9 @@ class ServerConfig:
     max_concurrent_requests: int = 4
 
 
+BUNDLED_ARTIFACT_FIELDS = ("ngram_datastore", "exit_head", "exit_trim", "vocab_trim")
+
+
 @dataclass(slots=True)
 class DeploymentConfig:
     name: str = "local"
@@ -113,6 +116,18 @@ class DeploymentConfig:
             raise ValueError(f"placement must be one of {', '.join(STRATEGIES)}, got {self.placement!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        bundled = [f for f in BUNDLED_ARTIFACT_FIELDS if getattr(self.speculative, f) == "bundled"]
+        if self.model is not None and bundled:
+            raise ValueError(f"speculative: {', '.join(bundled)}: 'bundled' artifacts belong to the bundled "
+                             f"model, not {self.model}; give paths made by `mirror train-draft` for it")
+
+    def with_model(self, model: str) -> "DeploymentConfig":
+        """This deployment on another model; the default's 'bundled' artifacts are dropped."""
+        import dataclasses
+
+        spec = dataclasses.replace(self.speculative, **{f: None for f in BUNDLED_ARTIFACT_FIELDS
+                                                        if getattr(self.speculative, f) == "bundled"})
+        return dataclasses.replace(self, model=model, speculative=spec)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "DeploymentConfig":
@@ -138,7 +153,8 @@ class DeploymentConfig:
         return cls(name="local", placement="STRICT_PACK",
                    target=TargetConfig(num_cpus=1, threads=1, cpu_affinity=[0]),
                    draft=DraftConfig(num_cpus=1, threads=1, cpu_affinity=[1], deadline_ms=2000.0),
-                   speculative=SpecConfig(method="mirror", draft="ngram", gamma=5, kappa=8, budget=16))
+                   speculative=SpecConfig(method="mirror", draft="ngram", gamma=5, kappa=8, budget=16,
+                                          ngram_datastore="bundled", exit_head="bundled", exit_trim="bundled"))
 
     @classmethod
     def load(cls, path: str) -> "DeploymentConfig":
