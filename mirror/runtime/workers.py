@@ -123,6 +123,12 @@ class DegradingDraftPipeline(RemoteDraftPipeline):
             self.client = None
 
 
+def _has_onnxruntime() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
 @ray.remote
 class DraftWorker:
     """Hosts draft pipelines behind the DraftChannel gRPC service on this node."""
@@ -163,8 +169,13 @@ class DraftWorker:
         kw = {}
         names = {f.name for f in dataclasses.fields(SpecConfig)}
         if "draft_backend" in names:
-            kw["draft_backend"] = d.backend
-            if d.backend == "onnx":
+            backend = d.backend
+            if backend == "onnx" and not d.strict_providers and not _has_onnxruntime():
+                log.warning("the ONNX Runtime draft is not available (pip install 'mirror-sd[onnx]'); "
+                            "the draft runs on PyTorch")
+                backend = "torch"
+            kw["draft_backend"] = backend
+            if backend == "onnx":
                 kw.update({k: v for k, v in (("onnx_dir", d.onnx_dir), ("onnx_providers", d.providers),
                                               ("onnx_strict", d.strict_providers), ("onnx_threads", d.threads))
                            if k in names})
