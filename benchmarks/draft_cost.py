@@ -13,21 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
 
 
 def _time(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    from .exit_profile import _median_time
+
+    return _median_time(fn, reps, warm=3)
 
 
 def main(argv=None) -> dict:

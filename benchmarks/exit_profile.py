@@ -87,8 +87,9 @@ def omega_on_prompt(model, prompt: list[int], max_new_tokens: int, layers: list[
 # ---------------------------------------------------------------------------------------------
 # 2. Stage times
 # ---------------------------------------------------------------------------------------------
-def _median_time(fn, reps: int) -> float:
-    fn()  # warm
+def _median_time(fn, reps: int, warm: int = 1) -> float:
+    for _ in range(warm):
+        fn()
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
