@@ -86,6 +86,10 @@ class Runtime:
             for i in range(t.num_workers)]
         ray.get([w.setup_tp.remote() for w in self.targets], timeout=600)
         self.target = self.targets[0]
+        try:  # the first request should find its draft (later restarts are checked per request)
+            ray.get(self.draft.address.remote(), timeout=120)
+        except Exception as e:
+            log.warning("the draft worker is not ready (%s); requests run target-only until it is", e)
 
     def _start_draft(self):
         d = self.deploy.draft
