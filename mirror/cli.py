@@ -345,6 +345,31 @@ def cmd_train_draft(args) -> int:
     return 0
 
 
+def cmd_build_datastore(args) -> int:
+    from .decoding.artifacts import target_fingerprint
+    from .training.datastore import build_datastore
+
+    data = args.data or _default_train_data()
+    if not data or not os.path.isfile(data):
+        _die("no training prompts: pass --data PATH (a JSONL file with a 'prompt' field per line, e.g. "
+             "../shared/data/train_prompts.jsonl)")
+    for name in ("prompts", "max_new_tokens", "batch", "n_max", "min_count"):
+        if getattr(args, name) <= 0:
+            _die(f"--{name.replace('_', '-')} must be positive")
+    if args.skip < 0:
+        _die("--skip must be >= 0")
+    lm = load_from_args(args)
+    try:
+        store = build_datastore(lm.model, lm.tokenizer, data, args.prompts, args.out,
+                                max_new_tokens=args.max_new_tokens, batch=args.batch, seed=args.seed,
+                                skip=args.skip, n_max=args.n_max, min_count=args.min_count,
+                                meta={"target": target_fingerprint(lm.model)})
+    except ValueError as e:
+        _die(str(e))
+    print(json.dumps({"entries": len(store), **store.meta}))
+    return 0
+
+
 def cmd_export_draft(args) -> int:
     from .spec_config import SpecConfig
 
@@ -544,6 +569,18 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--parts", nargs="+", default=["adapter", "streams", "exit_head"])
     t.set_defaults(func=cmd_train_draft)
+    d = sub.add_parser("build-datastore", help="the n-gram draft's datastore from the target's answers to training prompts")
+    d.add_argument("--data", default=None, help="training prompts JSONL (default ../shared/data/train_prompts.jsonl)")
+    d.add_argument("--out", default="artifacts/datastore", help="output folder (answers are cached; resumes)")
+    add_model_args(d)
+    d.add_argument("--prompts", type=int, default=3000)
+    d.add_argument("--skip", type=int, default=0, help="leave out the first prompts of the seeded order")
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--batch", type=int, default=50, help="prompts decoded together")
+    d.add_argument("--n-max", type=int, default=4, help="longest n-gram kept")
+    d.add_argument("--min-count", type=int, default=2, help="keep an n-gram seen at least this often")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_build_datastore)
     e = sub.add_parser("export-draft", help="export a draft network to ONNX (static shapes) for ONNX Runtime")
     add_model_args(e)
     e.add_argument("--out", required=True, help="output folder")

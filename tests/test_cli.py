@@ -54,3 +54,16 @@ def test_bad_input_exits_nonzero_with_a_message(argv, message, capsys):
         main(argv + ["--inprocess"])
     assert e.value.code not in (0, None)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompts", "0"], "--prompts must be positive"),
+    (["--skip", "-1"], "--skip must be >= 0"),
+    (["--data", "/nonexistent/prompts.jsonl"], "no training prompts"),
+    (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+])
+def test_build_datastore_bad_input_exits_nonzero_with_a_message(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["build-datastore", "--out", str(tmp_path / "ds")] + argv)
+    assert e.value.code not in (0, None)
+    assert message in capsys.readouterr().err

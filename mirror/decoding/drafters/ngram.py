@@ -35,6 +35,14 @@ class NgramIndex:
                 if end - 1 - n >= 0:
                     self.table[tuple(self.tokens[end - 1 - n:end - 1])] = end - 1
 
+    def next_token(self, seq: list[int], n_hi: int, n_lo: int) -> tuple[int | None, int]:
+        """(token after the latest occurrence of the longest suffix of seq with n in [n_lo, n_hi], n)."""
+        for n in range(min(n_hi, len(seq)), n_lo - 1, -1):
+            at = self.table.get(tuple(seq[-n:]))
+            if at is not None:
+                return self.tokens[at], n
+        return None, 0
+
     def lookup(self, ctx_tail: list[int], gamma: int, extra: list[int] = ()) -> list[int]:
         """Continuation of the longest matching suffix of (tokens + extra)."""
         seq = ctx_tail
@@ -72,6 +80,13 @@ class NgramModel:
 
     def __len__(self) -> int:
         return len(self.table)
+
+    def next_token(self, seq: list[int], n_hi: int | None = None) -> tuple[int | None, int]:
+        for n in range(min(self.n_max if n_hi is None else n_hi, len(seq)), self.n_min - 1, -1):
+            nxt = self.table.get(tuple(seq[-n:]))
+            if nxt is not None:
+                return nxt, n
+        return None, 0
 
     def draft(self, tail: list[int], gamma: int) -> list[int]:
         seq = list(tail[-self.n_max:])
@@ -115,31 +130,64 @@ def load_datastore(path: str) -> NgramModel:
 class NgramDrafter(Drafter):
     name = "ngram"
 
+    MODES = ("fallback", "fill", "mixed")
+
     def __init__(self, params: SamplingParams, n_min: int = 2, n_max: int = 4,
-                 datastore: NgramModel | None = None):
+                 datastore: NgramModel | None = None, mode: str = "fallback"):
         super().__init__(params)
-        self.n_min, self.n_max = n_min, n_max
+        if mode not in self.MODES:
+            raise ValueError(f"unknown n-gram mode {mode!r}; choose from {', '.join(self.MODES)}")
+        self.n_min, self.n_max, self.mode = n_min, n_max, mode
         self.index = NgramIndex(n_min, n_max)
         self.datastore = datastore
         self._branches: dict[tuple[int, int], DraftWindow] = {}
+        self._pending: list[int] = []
 
     def start(self, ctx: list[int]) -> None:
         super().start(ctx)
         self.index = NgramIndex(self.n_min, self.n_max)
         self.index.extend(ctx)
         self._branches = {}
+        self._pending = []
+
+    def _sync(self) -> None:
+        """Index the committed tokens. Deferred from commit to the next lookup, so on a Mirror hit
+        it runs in expand (under the target's suffix), not between the verdict and the window."""
+        if self._pending:
+            self.index.extend(self._pending)
+            self._pending = []
 
     def _draft_after(self, tail: list[int], gamma: int) -> DraftWindow:
-        ids = self.index.lookup(tail, gamma)
-        if not ids and self.datastore is not None:
-            ids = self.datastore.draft(tail, gamma)
+        ds = self.datastore
+        if self.mode == "mixed":
+            ids = self._draft_mixed(tail, gamma)
+        else:
+            ids = self.index.lookup(tail, gamma)
+            if ds is not None and (not ids or (self.mode == "fill" and len(ids) < gamma)):
+                ids = ids + ds.draft(list(tail) + ids, gamma - len(ids))
         self.stats.computed += len(ids)
         return DraftWindow(list(ids), None, self.name)
+
+    def _draft_mixed(self, tail: list[int], gamma: int) -> list[int]:
+        """Token by token, the longest known suffix over both sources (the context wins ties)."""
+        seq, out, ds = list(tail), [], self.datastore
+        for _ in range(gamma):
+            tok, n = self.index.next_token(seq, self.n_max, self.n_min)
+            if ds is not None:
+                dtok, dn = ds.next_token(seq)
+                if dn > n:
+                    tok = dtok
+            if tok is None:
+                break
+            out.append(tok)
+            seq.append(tok)
+        return out
 
     def _tail_len(self) -> int:
         return max(self.n_max, self.datastore.n_max if self.datastore is not None else 0)
 
     def propose(self, gamma: int) -> DraftWindow:
+        self._sync()
         self.window = self._draft_after(self.ctx[-self._tail_len():], gamma)
         self.stats.used += len(self.window.ids)
         return self.window
@@ -147,11 +195,12 @@ class NgramDrafter(Drafter):
     def commit(self, verdict: Verdict) -> None:
         new = self.window.ids[:verdict.accepted] + [verdict.token]
         super().commit(verdict)
-        self.index.extend(new)
+        self._pending.extend(new)
         self._branches = {}
 
     def expand(self, signal: EarlyExitSignal, gamma: int, budget: int, should_stop=None, batch: int = 8) -> int:
         self._branches = {}
+        self._sync()
         hyps = rank_hypotheses(signal, self.window, budget)
         L = self._tail_len()
         tail = self.ctx[-L:]

@@ -1,0 +1,155 @@
+"""Offline tau of deterministic (n-gram) drafts, replayed on the target's own greedy answers.
+
+Greedy speculative decoding emits exactly the target's greedy text, so for a draft that does not
+depend on the target's numbers (n-gram lookup over the context and a datastore) the accepted
+length of every step follows from the answer alone: replay the answer, draft gamma tokens from
+the committed context, accept the longest matching prefix, add the correction/bonus token. This
+gives vanilla SD's tau without running the model - the quick loop for designing the n-gram draft
+and sizing its datastore.
+
+Use it on answers to *held-out training prompts* (`mirror build-datastore --skip ...`), never on
+Spec-Bench: tuning there would make the benchmark dishonest.
+
+    python -m benchmarks.draft_sim --answers runs/ds_holdout --datastore bundled runs/ds3000/datastore.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mirror.decoding.drafters.ngram import NgramDrafter, NgramModel, load_datastore
+from mirror.decoding.messages import Verdict
+from mirror.sampling import SamplingParams
+
+
+def replay(drafter: NgramDrafter, prompt: list[int], answer: list[int], gamma: int) -> tuple[int, int]:
+    """(steps, tokens) of vanilla SD with this drafter on one greedy answer."""
+    if not answer:
+        return 0, 0
+    drafter.start(prompt + answer[:1])  # prefill emits the first token
+    pos, steps = 1, 0
+    while pos < len(answer):
+        w = drafter.propose(gamma)
+        a = 0
+        while a < len(w.ids) and pos + a < len(answer) and w.ids[a] == answer[pos + a]:
+            a += 1
+        if pos + a >= len(answer):  # the answer ended inside the window
+            pos, steps = len(answer), steps + 1
+            break
+        drafter.commit(Verdict(steps, a, answer[pos + a]))
+        pos += a + 1
+        steps += 1
+    return steps, len(answer) - 1
+
+
+def load_answers(folder: str, tokenizer, data: str | None = None) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) pairs from a build-datastore folder."""
+    from mirror.training.corpus import load_prompts
+
+    lines = [json.loads(x) for x in (Path(folder) / "answers.jsonl").read_text().splitlines() if x.strip()]
+    s = lines[0]["settings"]
+    data = data or str(Path(__file__).resolve().parents[2] / "shared" / "data" / s["data"])
+    texts = load_prompts(data, s["skip"] + len(lines) - 1, s["seed"])[s["skip"]:]
+    out = []
+    for r in lines[1:]:
+        ids = tokenizer.encode_chat([{"role": "user", "content": texts[r["i"]]}]) if tokenizer.chat_template \
+            else tokenizer.encode(texts[r["i"]])
+        out.append((ids[-s["max_prompt_tokens"]:], r["ids"]))
+    return out
+
+
+def simulate(pairs, make_drafter, gamma: int) -> dict:
+    steps = toks = 0
+    for prompt, answer in pairs:
+        s, t = replay(make_drafter(), prompt, answer, gamma)
+        steps, toks = steps + s, toks + t
+    return {"tau": toks / max(steps, 1), "steps": steps, "tokens": toks}
+
+
+def plot_scaling(rows: list[dict], path) -> None:
+    """tau against the datastore's size (target-generated tokens), one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    lines: dict[str, list] = {}
+    for r in rows:
+        if "answers_used" in r:
+            key = f"{r['mode']}, n<={r['store_n_max']}, count>={r['min_count']}"
+            lines.setdefault(key, []).append((r["answer_tokens"], r["tau"]))
+    for key, pts in lines.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    for r in rows:
+        if "answers_used" not in r:
+            ax.axhline(r["tau"], ls="--", lw=0.8, color="grey")
+            ax.annotate(f"{r['datastore']} ({r['mode']})", (0.01, r["tau"]), xycoords=("axes fraction", "data"),
+                        fontsize=7, va="bottom")
+    ax.set_xscale("log")
+    ax.set_xlabel("datastore text (target-generated tokens)")
+    ax.set_ylabel(f"tau, vanilla SD, gamma={rows[0]['gamma']}")
+    ax.set_title(f"n-gram draft on {rows[0]['answers']} held-out training answers")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    from mirror.models.loader import load_tokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--answers", required=True, help="build-datastore folder of held-out training answers")
+    ap.add_argument("--data", default=None, help="the training prompts file those answers came from")
+    ap.add_argument("--datastore", nargs="*", default=["bundled"], help="datastores to compare ('none': context only)")
+    ap.add_argument("--modes", nargs="+", default=["fallback"], help="n-gram draft modes to compare")
+    ap.add_argument("--build-from", default=None, metavar="FOLDER",
+                    help="also compare datastores built here from the first N answers of this build-datastore folder")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[], help="N answers per built datastore (0: all)")
+    ap.add_argument("--store-n-max", type=int, nargs="+", default=[4], help="built datastores: longest n-gram")
+    ap.add_argument("--min-count", type=int, nargs="+", default=[2], help="built datastores: least count kept")
+    ap.add_argument("--out", default=None, help="folder for results.json and scaling.png")
+    ap.add_argument("--gamma", type=int, default=5)
+    ap.add_argument("--ngram-min", type=int, default=2)
+    ap.add_argument("--ngram-max", type=int, default=4)
+    args = ap.parse_args(argv)
+    tok, _ = load_tokenizer()
+    pairs = load_answers(args.answers, tok, args.data)
+    params = SamplingParams()
+    stores = [({"datastore": ds}, None if ds == "none" else load_datastore(ds)) for ds in args.datastore]
+    if args.build_from:
+        lines = [json.loads(x) for x in (Path(args.build_from) / "answers.jsonl").read_text().splitlines()[1:] if x]
+        answers = [r["ids"] for r in sorted(lines, key=lambda r: r["i"])]
+        for n in args.sizes or [0]:
+            for n_max in args.store_n_max:
+                for mc in args.min_count:
+                    store = NgramModel.build(answers[:n or None], 1, n_max, mc)
+                    stores.append(({"datastore": args.build_from, "answers_used": len(answers[:n or None]),
+                                    "store_n_max": n_max, "min_count": mc,
+                                    "answer_tokens": sum(map(len, answers[:n or None]))}, store))
+    rows = []
+    for info, store in tqdm(stores, desc="datastores", unit="store", disable=len(stores) < 3):
+        for mode in args.modes:
+            r = simulate(pairs, lambda: NgramDrafter(params, args.ngram_min, args.ngram_max, datastore=store,
+                                                     mode=mode), args.gamma)
+            row = {**info, "entries": len(store) if store else 0, "mode": mode, "gamma": args.gamma,
+                   "answers": len(pairs), **r}
+            rows.append(row)
+            tqdm.write(json.dumps(row))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(rows, indent=1))
+        if any("answers_used" in r for r in rows):
+            plot_scaling(rows, out / "scaling.png")
+            print(f"wrote {out / 'results.json'} and {out / 'scaling.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
