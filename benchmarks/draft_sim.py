@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--answers", required=True, help="build-datastore folder of held-out training answers")
     ap.add_argument("--data", default=None, help="the training prompts file those answers came from")
     ap.add_argument("--datastore", nargs="*", default=["bundled"], help="datastores to compare ('none': context only)")
-    ap.add_argument("--modes", nargs="+", default=["fallback"], help="n-gram draft modes to compare")
+    ap.add_argument("--modes", nargs="+", default=["fill"], help="n-gram draft modes to compare")
     ap.add_argument("--build-from", default=None, metavar="FOLDER",
                     help="also compare datastores built here from the first N answers of this build-datastore folder")
     ap.add_argument("--sizes", type=int, nargs="*", default=[], help="N answers per built datastore (0: all)")

@@ -44,7 +44,7 @@ def test_modes_differ_only_where_they_should():
     d = NgramDrafter(P, 2, 4, datastore=store, mode="fill")
     d.start([7, 8, 7, 8])  # the context match runs out after 2 tokens (7, 8), the store goes on
     assert d.propose(4).ids == [7, 8, 9, 10]
-    fb2 = NgramDrafter(P, 2, 4, datastore=store)
+    fb2 = NgramDrafter(P, 2, 4, datastore=store, mode="fallback")
     fb2.start([7, 8, 7, 8])
     assert fb2.propose(4).ids == [7, 8]
     with pytest.raises(ValueError, match="unknown n-gram mode"):

@@ -3,10 +3,12 @@ optionally backed by a datastore of the target's own text.
 
 The longest suffix of the context (ngram_max down to ngram_min tokens) that occurred before is
 looked up in an index of n-gram -> latest end position; the tokens that followed it are the
-draft. Where the context has no match, a datastore n-gram model (most frequent continuation of
-the longest known suffix, token by token) proposes instead. Deterministic proposals (one-hot),
-so they are lossless under every acceptance rule. Mirror-SD branches are lookups too: each
-hypothesis context costs a few dict probes.
+draft. Where the context has no match, or (mode "fill", the default) its continuation is shorter
+than the window, a datastore n-gram model (most frequent continuation of the longest known
+suffix, token by token) proposes the rest. Mode "mixed" picks, token by token, whichever source
+knows the longer suffix (`benchmarks/draft_sim.py` compares them on held-out training answers).
+Deterministic proposals (one-hot), so they are lossless under every acceptance rule. Mirror-SD
+branches are lookups too: each hypothesis context costs a few dict probes.
 """
 from __future__ import annotations
 
@@ -133,7 +135,7 @@ class NgramDrafter(Drafter):
     MODES = ("fallback", "fill", "mixed")
 
     def __init__(self, params: SamplingParams, n_min: int = 2, n_max: int = 4,
-                 datastore: NgramModel | None = None, mode: str = "fallback"):
+                 datastore: NgramModel | None = None, mode: str = "fill"):
         super().__init__(params)
         if mode not in self.MODES:
             raise ValueError(f"unknown n-gram mode {mode!r}; choose from {', '.join(self.MODES)}")
