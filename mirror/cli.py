@@ -349,15 +349,15 @@ def cmd_build_datastore(args) -> int:
     from .decoding.artifacts import target_fingerprint
     from .training.datastore import build_datastore
 
-    data = args.data or _default_train_data()
-    if not data or not os.path.isfile(data):
-        _die("no training prompts: pass --data PATH (a JSONL file with a 'prompt' field per line, e.g. "
-             "../shared/data/train_prompts.jsonl)")
     for name in ("prompts", "max_new_tokens", "batch", "n_max", "min_count"):
         if getattr(args, name) <= 0:
             _die(f"--{name.replace('_', '-')} must be positive")
     if args.skip < 0:
         _die("--skip must be >= 0")
+    data = args.data or _default_train_data()
+    if not data or not os.path.isfile(data):
+        _die("no training prompts: pass --data PATH (a JSONL file with a 'prompt' field per line, e.g. "
+             "../shared/data/train_prompts.jsonl)")
     lm = load_from_args(args)
     try:
         store = build_datastore(lm.model, lm.tokenizer, data, args.prompts, args.out,

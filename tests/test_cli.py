@@ -60,10 +60,12 @@ def test_bad_input_exits_nonzero_with_a_message(argv, message, capsys):
     (["--prompts", "0"], "--prompts must be positive"),
     (["--skip", "-1"], "--skip must be >= 0"),
     (["--data", "/nonexistent/prompts.jsonl"], "no training prompts"),
-    (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+    (["--model", "/nonexistent/model.gguf", "--data", "{prompts}"], "/nonexistent/model.gguf"),
 ])
 def test_build_datastore_bad_input_exits_nonzero_with_a_message(argv, message, capsys, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"  # a valid prompt file, so the model is what is wrong
+    prompts.write_text('{"prompt": "Name a colour."}\n')
     with pytest.raises(SystemExit) as e:
-        main(["build-datastore", "--out", str(tmp_path / "ds")] + argv)
+        main(["build-datastore", "--out", str(tmp_path / "ds")] + [a.format(prompts=prompts) for a in argv])
     assert e.value.code not in (0, None)
     assert message in capsys.readouterr().err
