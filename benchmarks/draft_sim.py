@@ -47,18 +47,15 @@ def replay(drafter: NgramDrafter, prompt: list[int], answer: list[int], gamma: i
 
 def load_answers(folder: str, tokenizer, data: str | None = None) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) pairs from a build-datastore folder."""
-    from mirror.training.corpus import load_prompts
+    from mirror.training.corpus import encode_prompts, load_prompts
 
     lines = [json.loads(x) for x in (Path(folder) / "answers.jsonl").read_text().splitlines() if x.strip()]
     s = lines[0]["settings"]
     data = data or str(Path(__file__).resolve().parents[2] / "shared" / "data" / s["data"])
     texts = load_prompts(data, s["skip"] + len(lines) - 1, s["seed"])[s["skip"]:]
-    out = []
-    for r in lines[1:]:
-        ids = tokenizer.encode_chat([{"role": "user", "content": texts[r["i"]]}]) if tokenizer.chat_template \
-            else tokenizer.encode(texts[r["i"]])
-        out.append((ids[-s["max_prompt_tokens"]:], r["ids"]))
-    return out
+    answers = lines[1:]
+    prompts = encode_prompts(tokenizer, [texts[r["i"]] for r in answers], s["max_prompt_tokens"])
+    return [(p, r["ids"]) for p, r in zip(prompts, answers)]
 
 
 def simulate(pairs, make_drafter, gamma: int) -> dict:

@@ -105,14 +105,21 @@ def generate_with_features(model: Transformer, prompts: list[list[int]], max_new
                      torch.cat(tops[r]), torch.cat(probs[r]), lens[r]) for r in range(B)]
 
 
+def encode_prompts(tok: Tokenizer, prompts: list[str], max_prompt_tokens: int = 256) -> list[list[int]]:
+    """Training prompts as the target sees them: one user turn in its chat template (plain text
+    without one), keeping the last `max_prompt_tokens` tokens."""
+    out = []
+    for p in prompts:
+        ids = tok.encode_chat([{"role": "user", "content": p}]) if tok.chat_template else tok.encode(p)
+        out.append(ids[-max_prompt_tokens:])
+    return out
+
+
 def build_features(model: Transformer, tok: Tokenizer, prompts: list[str], max_new: int, batch: int,
                    layers: list[int], top_k: int = 32, max_prompt_tokens: int = 256,
                    desc: str = "target answers") -> list[Features]:
     eos = set(tok.eos_ids)
-    encoded = []
-    for p in prompts:
-        ids = tok.encode_chat([{"role": "user", "content": p}]) if tok.chat_template else tok.encode(p)
-        encoded.append(ids[-max_prompt_tokens:])
+    encoded = encode_prompts(tok, prompts, max_prompt_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths per batch
     feats: list[Features | None] = [None] * len(encoded)
     for b0 in tqdm(range(0, len(order), batch), desc=desc, unit="batch"):

@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..decoding.drafters.ngram import NgramModel
-from .corpus import generate_with_features, load_prompts
+from .corpus import encode_prompts, generate_with_features, load_prompts
 
 
 def target_answers(model, tok, data: str, prompts: int, out: str, max_new_tokens: int = 128, batch: int = 32,
@@ -35,10 +35,7 @@ def target_answers(model, tok, data: str, prompts: int, out: str, max_new_tokens
         done = {r["i"]: r["ids"] for r in lines[1:]}
     texts = load_prompts(data, skip + prompts, seed)[skip:]
     eos = set(tok.eos_ids)
-    enc = []
-    for p in texts:
-        ids = tok.encode_chat([{"role": "user", "content": p}]) if tok.chat_template else tok.encode(p)
-        enc.append(ids[-max_prompt_tokens:])
+    enc = encode_prompts(tok, texts, max_prompt_tokens)
     todo = sorted((i for i in range(len(enc)) if i not in done), key=lambda i: len(enc[i]))
     if todo:
         log(f"[build-datastore] {len(done)} answers cached, generating {len(todo)}")
@@ -56,8 +53,8 @@ def target_answers(model, tok, data: str, prompts: int, out: str, max_new_tokens
 
 
 def build_datastore(model, tok, data: str, prompts: int, out: str, *, max_new_tokens: int = 128, batch: int = 32,
-                    seed: int = 0, skip: int = 0, n_min: int = 1, n_max: int = 4, min_count: int = 2, meta: dict | None = None,
-                    log=print) -> NgramModel:
+                    seed: int = 0, skip: int = 0, n_min: int = 1, n_max: int = 4, min_count: int = 2,
+                    meta: dict | None = None, log=print) -> NgramModel:
     answers = target_answers(model, tok, data, prompts, out, max_new_tokens, batch, seed, skip, log=log)
     store = NgramModel.build(answers, n_min=n_min, n_max=n_max, min_count=min_count,
                              meta={"source": os.path.basename(data), "seed": seed, "prompts": prompts,

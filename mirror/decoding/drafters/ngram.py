@@ -37,9 +37,9 @@ class NgramIndex:
                 if end - 1 - n >= 0:
                     self.table[tuple(self.tokens[end - 1 - n:end - 1])] = end - 1
 
-    def next_token(self, seq: list[int], n_hi: int, n_lo: int) -> tuple[int | None, int]:
-        """(token after the latest occurrence of the longest suffix of seq with n in [n_lo, n_hi], n)."""
-        for n in range(min(n_hi, len(seq)), n_lo - 1, -1):
+    def next_token(self, seq: list[int]) -> tuple[int | None, int]:
+        """(token after the latest occurrence of the longest indexed suffix of seq, its length)."""
+        for n in range(min(self.n_max, len(seq)), self.n_min - 1, -1):
             at = self.table.get(tuple(seq[-n:]))
             if at is not None:
                 return self.tokens[at], n
@@ -83,8 +83,9 @@ class NgramModel:
     def __len__(self) -> int:
         return len(self.table)
 
-    def next_token(self, seq: list[int], n_hi: int | None = None) -> tuple[int | None, int]:
-        for n in range(min(self.n_max if n_hi is None else n_hi, len(seq)), self.n_min - 1, -1):
+    def next_token(self, seq: list[int]) -> tuple[int | None, int]:
+        """(most frequent token after the longest known suffix of seq, that suffix's length)."""
+        for n in range(min(self.n_max, len(seq)), self.n_min - 1, -1):
             nxt = self.table.get(tuple(seq[-n:]))
             if nxt is not None:
                 return nxt, n
@@ -94,11 +95,7 @@ class NgramModel:
         seq = list(tail[-self.n_max:])
         out: list[int] = []
         for _ in range(gamma):
-            nxt = None
-            for n in range(min(self.n_max, len(seq)), self.n_min - 1, -1):
-                nxt = self.table.get(tuple(seq[-n:]))
-                if nxt is not None:
-                    break
+            nxt, _ = self.next_token(seq)
             if nxt is None:
                 break
             out.append(nxt)
@@ -174,7 +171,7 @@ class NgramDrafter(Drafter):
         """Token by token, the longest known suffix over both sources (the context wins ties)."""
         seq, out, ds = list(tail), [], self.datastore
         for _ in range(gamma):
-            tok, n = self.index.next_token(seq, self.n_max, self.n_min)
+            tok, n = self.index.next_token(seq)
             if ds is not None:
                 dtok, dn = ds.next_token(seq)
                 if dn > n:
