@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mirror.decoding.drafters.ngram import NgramDrafter, NgramModel, load_datastore
-from mirror.decoding.messages import Verdict
+from mirror.decoding.messages import DraftWindow, Verdict
 from mirror.sampling import SamplingParams
 
 
@@ -43,6 +43,78 @@ def replay(drafter: NgramDrafter, prompt: list[int], answer: list[int], gamma: i
         pos += a + 1
         steps += 1
     return steps, len(answer) - 1
+
+
+class ReplayNet:
+    """A network draft in the replay, from one teacher-forced pass over the answer: its greedy
+    prediction at every answer position. In greedy SD the draft only runs on contexts that are
+    prefixes of the answer (a window is accepted up to its first mismatch, and the rest does not
+    matter), so these predictions give each step's accepted length exactly, up to floating-point
+    near-ties between a one-pass forward and step-by-step drafting."""
+
+    def __init__(self, preds: list[int], prompt_len: int):
+        self.preds, self.prompt_len = preds, prompt_len
+        self.window = DraftWindow([])
+
+    def start(self, ctx: list[int]) -> None:
+        self.n = len(ctx) - self.prompt_len  # answer tokens committed
+
+    def propose(self, gamma: int) -> DraftWindow:
+        self.window = DraftWindow(self.preds[self.n:self.n + gamma], source="model")
+        return self.window
+
+    def commit(self, verdict: Verdict) -> None:
+        self.n += verdict.accepted + 1
+
+
+class ReplayCombined:
+    """`ngram+model` as CombinedDrafter runs it: the n-gram proposal when it has one, otherwise
+    the network's; both follow every commit."""
+
+    def __init__(self, ngram: NgramDrafter, net: ReplayNet):
+        self.ngram, self.net = ngram, net
+
+    def start(self, ctx):
+        self.ngram.start(ctx)
+        self.net.start(ctx)
+
+    def propose(self, gamma):
+        w = self.ngram.propose(gamma)
+        if not w.ids:
+            w = self.net.propose(gamma)
+            self.ngram.window = w
+        self.net.window = w
+        return w
+
+    def commit(self, verdict):
+        self.ngram.commit(verdict)
+        self.net.commit(verdict)
+
+
+def network_predictions(draft_model: str, pairs) -> tuple[list[list[int]], float]:
+    """Teacher-forced greedy predictions of a draft model (`mirror distill-draft` folder) for
+    every answer token, and its top-1 agreement with the target over the answers."""
+    import torch
+
+    from mirror.decoding.drafters.network import DraftNet
+    from mirror.decoding.drafters.vocab_trim import VocabTrim
+    from mirror.decoding.factory import distilled_trim
+    from mirror.models.loader import load_model
+
+    model = load_model(draft_model, tokenizer=False).model
+    trim = distilled_trim(draft_model)
+    net = DraftNet.from_model(model, VocabTrim.load(trim).keep_ids if trim else None)
+    preds, agree, total = [], 0, 0
+    with torch.inference_mode():
+        for prompt, answer in tqdm(pairs, desc="draft model, teacher-forced", unit="answer"):
+            ids = prompt + answer
+            cache = net.new_cache(1, len(ids))
+            logits = net(torch.tensor([ids]), torch.arange(len(ids))[None], cache)[0]
+            p = net.to_full(logits[len(prompt) - 1:len(ids) - 1].argmax(-1)).tolist()  # p[j] predicts answer[j]
+            preds.append(p)
+            agree += sum(a == b for a, b in zip(p[1:], answer[1:]))
+            total += len(answer) - 1
+    return preds, agree / max(total, 1)
 
 
 def load_answers(folder: str, tokenizer, data: str | None = None) -> list[tuple[list[int], list[int]]]:
@@ -111,6 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--store-n-max", type=int, nargs="+", default=[4], help="built datastores: longest n-gram")
     ap.add_argument("--min-count", type=int, nargs="+", default=[2], help="built datastores: least count kept")
     ap.add_argument("--out", default=None, help="folder for results.json and scaling.png")
+    ap.add_argument("--draft-model", default=None, metavar="DIR",
+                    help="also replay this draft model (`mirror distill-draft`) alone and as ngram+model")
     ap.add_argument("--gamma", type=int, default=5)
     ap.add_argument("--ngram-min", type=int, default=2)
     ap.add_argument("--ngram-max", type=int, default=4)
@@ -130,6 +204,22 @@ def main(argv=None) -> int:
                                     "store_n_max": n_max, "min_count": mc,
                                     "answer_tokens": sum(map(len, answers[:n or None]))}, store))
     rows = []
+    if args.draft_model:
+        preds, agree = network_predictions(args.draft_model, pairs)
+        nets = iter([ReplayNet(p, len(q)) for p, (q, _) in zip(preds, pairs)])
+        r = simulate(pairs, lambda: next(nets), args.gamma)
+        rows.append({"draft": "model", "draft_model": args.draft_model, "top1_agreement": agree,
+                     "gamma": args.gamma, "answers": len(pairs), **r})
+        tqdm.write(json.dumps(rows[-1]))
+        for info, store in [({"datastore": "none"}, None)] + stores:
+            for mode in args.modes:
+                nets = iter([ReplayNet(p, len(q)) for p, (q, _) in zip(preds, pairs)])
+                r = simulate(pairs, lambda: ReplayCombined(
+                    NgramDrafter(params, args.ngram_min, args.ngram_max, datastore=store, mode=mode), next(nets)),
+                    args.gamma)
+                rows.append({"draft": "ngram+model", **info, "mode": mode, "gamma": args.gamma,
+                             "answers": len(pairs), **r})
+                tqdm.write(json.dumps(rows[-1]))
     for info, store in tqdm(stores, desc="datastores", unit="store", disable=len(stores) < 3):
         for mode in args.modes:
             r = simulate(pairs, lambda: NgramDrafter(params, args.ngram_min, args.ngram_max, datastore=store,

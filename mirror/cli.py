@@ -370,6 +370,32 @@ def cmd_build_datastore(args) -> int:
     return 0
 
 
+def cmd_distill_draft(args) -> int:
+    from .training.distill import distill_draft
+
+    for name in ("prompts", "layers", "batch_tokens", "context", "max_new_tokens"):
+        if getattr(args, name) <= 0:
+            _die(f"--{name.replace('_', '-')} must be positive")
+    if not args.epochs > 0 or not args.lr > 0:
+        _die("--epochs and --lr must be positive")
+    if args.answers and not os.path.isfile(os.path.join(args.answers, "answers.jsonl")):
+        _die(f"--answers {args.answers}: no answers.jsonl there (a `mirror build-datastore --out` folder)")
+    data = args.data or _default_train_data()
+    if not data or not os.path.isfile(data):
+        _die("no training prompts: pass --data PATH (a JSONL file with a 'prompt' field per line, e.g. "
+             "../shared/data/train_prompts.jsonl)")
+    lm = load_from_args(args)
+    try:
+        report = distill_draft(lm.model, lm.tokenizer, data, args.out, answers_dir=args.answers,
+                               prompts=args.prompts, layers=args.layers, epochs=args.epochs, lr=args.lr,
+                               batch_tokens=args.batch_tokens, context=args.context, vocab_trim=args.vocab_trim,
+                               bf16=not args.fp32, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    except (ValueError, FileNotFoundError) as e:
+        _die(str(e))
+    print(json.dumps(report))
+    return 0
+
+
 def cmd_export_draft(args) -> int:
     from .spec_config import SpecConfig
 
@@ -581,6 +607,23 @@ def main(argv=None) -> int:
     d.add_argument("--min-count", type=int, default=2, help="keep an n-gram seen at least this often")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_build_datastore)
+    d = sub.add_parser("distill-draft", help="a separate small draft model distilled from the target's answers")
+    d.add_argument("--data", default=None, help="training prompts JSONL (default ../shared/data/train_prompts.jsonl)")
+    d.add_argument("--out", default="artifacts/small-draft", help="output folder (checkpointed; resumes)")
+    d.add_argument("--answers", default=None, metavar="DIR",
+                   help="a `mirror build-datastore` folder whose cached answers to reuse (default: --out)")
+    add_model_args(d)
+    d.add_argument("--prompts", type=int, default=3000)
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--layers", type=int, default=4, help="draft depth (initialised from the target's first layers)")
+    d.add_argument("--epochs", type=float, default=2)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per optimizer step")
+    d.add_argument("--context", type=int, default=128, help="prompt tokens kept before each answer")
+    d.add_argument("--vocab-trim", default="bundled", help="VocabTrim set of the draft head")
+    d.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_distill_draft)
     e = sub.add_parser("export-draft", help="export a draft network to ONNX (static shapes) for ONNX Runtime")
     add_model_args(e)
     e.add_argument("--out", required=True, help="output folder")

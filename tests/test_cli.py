@@ -69,3 +69,19 @@ def test_build_datastore_bad_input_exits_nonzero_with_a_message(argv, message, c
         main(["build-datastore", "--out", str(tmp_path / "ds")] + [a.format(prompts=prompts) for a in argv])
     assert e.value.code not in (0, None)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--layers", "0"], "--layers must be positive"),
+    (["--epochs", "0"], "--epochs and --lr must be positive"),
+    (["--answers", "/nonexistent/folder"], "no answers.jsonl"),
+    (["--data", "/nonexistent/prompts.jsonl"], "no training prompts"),
+    (["--data", "{prompts}", "--layers", "30"], "--layers must be in [1, 29]"),
+])
+def test_distill_draft_bad_input_exits_nonzero_with_a_message(argv, message, capsys, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Name a colour."}\n')
+    with pytest.raises(SystemExit) as e:
+        main(["distill-draft", "--out", str(tmp_path / "dd")] + [a.format(prompts=prompts) for a in argv])
+    assert e.value.code not in (0, None)
+    assert message in capsys.readouterr().err

@@ -36,6 +36,18 @@ def load_draft_model(path: str, target: Transformer) -> Transformer:
     return _DRAFT_MODELS[path]
 
 
+def distilled_trim(draft_model: str) -> str | None:
+    """The VocabTrim set a `mirror distill-draft` model was trained behind (its draft.json)."""
+    meta = os.path.join(draft_model, "draft.json")
+    if not os.path.isfile(meta):
+        return None
+    import json
+
+    with open(meta) as f:
+        name = json.load(f).get("vocab_trim")
+    return os.path.join(draft_model, name) if name else None
+
+
 def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNet:
     """The network of a 'self', 'model' or 'streaming' draft, with its trained parts if given:
     a DraftNet, or with draft_backend="onnx" the same network exported and run by ONNX Runtime
@@ -53,6 +65,8 @@ def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNe
         trim_path = None
     elif trim_path is None and art is not None and art.meta.get("vocab_trim"):
         trim_path = os.path.join(os.path.dirname(spec.adapter), art.meta["vocab_trim"])  # trained with it
+    elif trim_path is None and kind == "model":
+        trim_path = distilled_trim(spec.draft_model)
     from ..models.bundled import resolve_artifact
 
     keep = VocabTrim.load(resolve_artifact(trim_path, "vocab_trim")).keep_ids if trim_path else None
