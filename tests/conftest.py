@@ -3,7 +3,10 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(int(os.environ.get("MIRROR_TEST_THREADS", "2")))
+# The suite runs on two pytest-xdist workers (pyproject addopts): one torch thread each, so the
+# two workers share the cores instead of oversubscribing them; two threads when run serially.
+_DEFAULT_THREADS = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+torch.set_num_threads(int(os.environ.get("MIRROR_TEST_THREADS", _DEFAULT_THREADS)))
 
 
 @pytest.fixture(scope="session")

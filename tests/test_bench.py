@@ -90,6 +90,7 @@ def test_missing_question_file_exits_nonzero_naming_spec_bench(tmp_path, capsys)
     assert "absent.jsonl" in err and "github.com/hemingkx/Spec-Bench" in err and "question.jsonl" in err
 
 
+@pytest.mark.xdist_group("ray")  # starts the embedded Ray runtime
 def test_bench_on_the_distributed_runtime_matches_in_process(cli_model, tmp_path):
     """`--runtime distributed`: the embedded Ray runtime (target and draft actors, gRPC channel)
     runs every method; greedy outputs equal the in-process reference and no request degraded."""

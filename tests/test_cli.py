@@ -19,6 +19,7 @@ def _reference(lm, n):
     return generate(lm.model, lm.tokenizer, ids, SamplingParams(max_new_tokens=n), SpecConfig(method="ar"))
 
 
+@pytest.mark.xdist_group("ray")  # starts the embedded Ray runtime
 def test_generate_default_runs_the_embedded_runtime_and_is_exact(bundled, capsys):
     rc = main(["generate", PROMPT, "--max-new-tokens", "24", "--json"])
     assert rc == 0

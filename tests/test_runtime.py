@@ -19,6 +19,11 @@ from mirror.spec_config import SpecConfig
 PROMPT = "Write a short paragraph about the history of the bicycle."
 
 
+# Starts Ray (or torch.distributed) and pins workers to cores: these tests share one pytest-xdist
+# worker (see conftest.py), so two of them never run at once.
+pytestmark = pytest.mark.xdist_group("ray")
+
+
 @pytest.fixture(scope="module")
 def engine():
     eng = DistributedEngine(DeploymentConfig.local())

@@ -16,6 +16,11 @@ from mirror.sampling import SamplingParams
 from mirror.spec_config import SpecConfig
 
 
+# Starts Ray (or torch.distributed) and pins workers to cores: these tests share one pytest-xdist
+# worker (see conftest.py), so two of them never run at once.
+pytestmark = pytest.mark.xdist_group("ray")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     if ray.is_initialized():

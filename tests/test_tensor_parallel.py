@@ -2,11 +2,17 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers import tiny_model
+
+
+# Starts Ray (or torch.distributed) and pins workers to cores: these tests share one pytest-xdist
+# worker (see conftest.py), so two of them never run at once.
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 def _free_port() -> int:
