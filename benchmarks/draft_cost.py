@@ -1,7 +1,8 @@
 """Draft cost per drafted token next to one target step, with and without VocabTrim.
 
     python -m benchmarks.draft_cost [--adapter artifacts/draft/draft.safetensors]
-        [--vocab-trim artifacts/draft/vocab_trim.json] [--gamma 5] [--threads 1]
+        [--vocab-trim artifacts/draft/vocab_trim.json] [--draft-model artifacts/small4/model]
+        [--gamma 5] [--threads 1]
 
 Timed on one thread (a pinned core, as in the runtime): a target verification step over a
 window of gamma+1 tokens, and a draft step (one token) of each network draft kind, at a context
@@ -28,6 +29,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--vocab-trim", default=None)
     ap.add_argument("--datastore", default=None)
+    ap.add_argument("--draft-model", default=None, help="a separate draft model (`mirror distill-draft` folder)")
     ap.add_argument("--gamma", type=int, default=5)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--draft-layers", type=int, default=4)
@@ -65,6 +67,9 @@ def main(argv=None) -> dict:
     if args.adapter:
         configs.append(("self+adapter (artifact)", dict(draft="self", adapter=args.adapter)))
         configs.append(("streaming (artifact)", dict(draft="streaming", adapter=args.adapter, streams=2)))
+    if args.draft_model:
+        configs.append(("separate model (%s)" % os.path.basename(os.path.normpath(args.draft_model)),
+                        dict(draft="model", draft_model=args.draft_model)))
     for name, kw in configs:
         spec = SpecConfig(method="sd", **kw)
         kind = spec.draft

@@ -1,16 +1,20 @@
-"""Offline tau of deterministic (n-gram) drafts, replayed on the target's own greedy answers.
+"""Offline tau of greedy drafts, replayed on the target's own greedy answers.
 
 Greedy speculative decoding emits exactly the target's greedy text, so for a draft that does not
 depend on the target's numbers (n-gram lookup over the context and a datastore) the accepted
 length of every step follows from the answer alone: replay the answer, draft gamma tokens from
 the committed context, accept the longest matching prefix, add the correction/bonus token. This
-gives vanilla SD's tau without running the model - the quick loop for designing the n-gram draft
-and sizing its datastore.
+gives vanilla SD's tau without running the target - the quick loop for designing the n-gram draft
+and sizing its datastore. A greedy network draft (`--draft-model`, e.g. from `mirror
+distill-draft`) is replayed from one teacher-forced pass of the draft over each answer: it only
+ever drafts after prefixes of the answer (a window counts up to its first mismatch), so its
+predictions there fix every step (tests/test_distill.py checks the step counts against real runs).
 
 Use it on answers to *held-out training prompts* (`mirror build-datastore --skip ...`), never on
 Spec-Bench: tuning there would make the benchmark dishonest.
 
     python -m benchmarks.draft_sim --answers runs/ds_holdout --datastore bundled runs/ds3000/datastore.json
+    python -m benchmarks.draft_sim --answers runs/ds_holdout --draft-model artifacts/small4/model
 """
 from __future__ import annotations
 
