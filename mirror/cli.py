@@ -322,10 +322,7 @@ def cmd_train_draft(args) -> int:
 
     from .training.train_draft import TrainConfig, Trainer
 
-    data = args.data or _default_train_data()
-    if not data or not os.path.isfile(data):
-        _die("no training prompts: pass --data PATH (a JSONL file with a 'prompt' field per line, e.g. "
-             "../shared/data/train_prompts.jsonl)")
+    data = _training_data(args)
     try:
         cfg = TrainConfig(data=data, out=args.out, draft_layers=args.draft_layers, adapter_ffn=args.adapter_ffn,
                           exit_layer=args.exit_layer, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
@@ -349,15 +346,10 @@ def cmd_build_datastore(args) -> int:
     from .decoding.artifacts import target_fingerprint
     from .training.datastore import build_datastore
 
-    for name in ("prompts", "max_new_tokens", "batch", "n_max", "min_count"):
-        if getattr(args, name) <= 0:
-            _die(f"--{name.replace('_', '-')} must be positive")
+    _require_positive(args, "prompts", "max_new_tokens", "batch", "n_max", "min_count")
     if args.skip < 0:
         _die("--skip must be >= 0")
-    data = args.data or _default_train_data()
-    if not data or not os.path.isfile(data):
-        _die("no training prompts: pass --data PATH (a JSONL file with a 'prompt' field per line, e.g. "
-             "../shared/data/train_prompts.jsonl)")
+    data = _training_data(args)
     lm = load_from_args(args)
     try:
         store = build_datastore(lm.model, lm.tokenizer, data, args.prompts, args.out,
@@ -373,17 +365,12 @@ def cmd_build_datastore(args) -> int:
 def cmd_distill_draft(args) -> int:
     from .training.distill import distill_draft
 
-    for name in ("prompts", "layers", "batch_tokens", "context", "max_new_tokens"):
-        if getattr(args, name) <= 0:
-            _die(f"--{name.replace('_', '-')} must be positive")
+    _require_positive(args, "prompts", "layers", "batch_tokens", "context", "max_new_tokens")
     if not args.epochs > 0 or not args.lr > 0:
         _die("--epochs and --lr must be positive")
     if args.answers and not os.path.isfile(os.path.join(args.answers, "answers.jsonl")):
         _die(f"--answers {args.answers}: no answers.jsonl there (a `mirror build-datastore --out` folder)")
-    data = args.data or _default_train_data()
-    if not data or not os.path.isfile(data):
-        _die("no training prompts: pass --data PATH (a JSONL file with a 'prompt' field per line, e.g. "
-             "../shared/data/train_prompts.jsonl)")
+    data = _training_data(args)
     lm = load_from_args(args)
     try:
         report = distill_draft(lm.model, lm.tokenizer, data, args.out, answers_dir=args.answers,
@@ -432,6 +419,21 @@ def cmd_export_draft(args) -> int:
         print(f"  {meta['vocab_trim']['file']} ({meta['vocab_trim']['size']} tokens)")
     print("  draft.json (metadata)")
     return 0
+
+
+def _require_positive(args, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) <= 0:
+            _die(f"--{name.replace('_', '-')} must be positive")
+
+
+def _training_data(args) -> str:
+    """--data, or ../shared/data/train_prompts.jsonl when it is there; a CLI error otherwise."""
+    data = args.data or _default_train_data()
+    if not data or not os.path.isfile(data):
+        _die("no training prompts: pass --data PATH (a JSONL file with a 'prompt' field per line, e.g. "
+             "../shared/data/train_prompts.jsonl)")
+    return data
 
 
 def _default_train_data() -> str | None:
