@@ -214,3 +214,37 @@ def test_messages_survive_the_wire():
     w = window_from_proto(window_to_proto(DraftWindow([1, 2, 3, 4], probs, "net"), step=2))
     assert w.ids == [1, 2, 3, 4] and w.source == "net" and torch.equal(w.probs, probs)
     assert window_from_proto(window_to_proto(DraftWindow([]), step=0)).probs is None
+
+
+class StallingPipeline(ScriptedPipeline):
+    """Drafts nothing useful and, at its second verdict, stalls far past the reply deadline."""
+
+    def on_verdict(self, verdict, gamma):
+        self.events.append(("verdict", verdict.step))
+        if len(self.events) > 4:
+            time.sleep(2.0)
+        return DraftWindow([7] * gamma, source="scripted")
+
+
+@pytest.mark.parametrize("method", ["sd", "mirror"])
+def test_a_draft_stalled_past_the_deadline_degrades_to_target_only_with_the_same_tokens(bundled, method):
+    """Issue 5's degradation: a draft reply later than `reply_timeout` (the deployment's
+    `draft.deadline_ms`) ends the draft's part; the target finishes alone, same tokens."""
+    from mirror.decoding.speculative import generate_speculative
+    from mirror.runtime.workers import DegradingDraftPipeline
+
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    spec = SpecConfig(method=method, draft="self", draft_layers=2, gamma=3, kappa=2, budget=2)
+    ids = bundled.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[2]}])
+    ref = generate(bundled.model, bundled.tokenizer, ids, params)
+    with DraftServer(lambda req: StallingPipeline(req)) as srv:
+        draft = DegradingDraftPipeline(lambda: DraftChannelClient(srv.address, reply_timeout=0.5), spec, params)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            res = generate_speculative(TargetPipeline(bundled.model, params, spec), draft, bundled.tokenizer,
+                                       ids, params, spec)
+        elapsed = time.perf_counter() - t0
+        draft.release()
+    assert res.ids == ref.ids and res.finish_reason == "length"
+    assert draft.degraded is not None and "stalled" in draft.degraded
+    assert elapsed < 20  # one deadline's wait, not a hang

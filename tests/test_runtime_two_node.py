@@ -38,7 +38,10 @@ def test_target_and_draft_on_different_nodes_decode_exactly(cluster, bundled):
         DeploymentConfig.local(), name="two-node", placement="SPREAD",
         ray=RayConfig(address=cluster.address),
         target=TargetConfig(num_cpus=1, threads=1, resource="mirror_target"),
-        draft=DraftConfig(num_cpus=1, threads=1, resource="mirror_draft_accel"))
+        # a generous stall deadline: this test is about placement and exactness, and the suite
+        # runs it beside other CPU-heavy tests (pytest-xdist) with two raylets on two cores;
+        # the deadline itself is tested in test_channel.py
+        draft=DraftConfig(num_cpus=1, threads=1, resource="mirror_draft_accel", deadline_ms=30000.0))
     eng = DistributedEngine(deploy)
     try:
         info = eng.runtime.info()
