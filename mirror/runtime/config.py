@@ -153,7 +153,7 @@ class DeploymentConfig:
         return cls(name="local", placement="STRICT_PACK",
                    target=TargetConfig(num_cpus=1, threads=1, cpu_affinity=[0]),
                    draft=DraftConfig(backend="onnx", num_cpus=1, threads=1, cpu_affinity=[1], deadline_ms=2000.0),
-                   speculative=SpecConfig(method="mirror", draft="ngram", gamma=5, kappa=8, budget=16,
+                   speculative=SpecConfig(method="mirror", draft="ngram", gamma=5, kappa=8, budget=48,
                                           ngram_datastore="bundled", exit_head="bundled", exit_trim="bundled"))
 
     @classmethod
