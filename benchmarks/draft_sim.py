@@ -56,6 +56,8 @@ class ReplayNet:
     matter), so these predictions give each step's accepted length exactly, up to floating-point
     near-ties between a one-pass forward and step-by-step drafting."""
 
+    name = "model"
+
     def __init__(self, preds: list[int], prompt_len: int):
         self.preds, self.prompt_len = preds, prompt_len
         self.window = DraftWindow([])
@@ -67,32 +69,12 @@ class ReplayNet:
         self.window = DraftWindow(self.preds[self.n:self.n + gamma], source="model")
         return self.window
 
+    def observe(self, window: DraftWindow) -> None:
+        """Another drafter's window is verified (CombinedDrafter): nothing to undo here."""
+        self.window = window
+
     def commit(self, verdict: Verdict) -> None:
         self.n += verdict.accepted + 1
-
-
-class ReplayCombined:
-    """`ngram+model` as CombinedDrafter runs it: the n-gram proposal when it has one, otherwise
-    the network's; both follow every commit."""
-
-    def __init__(self, ngram: NgramDrafter, net: ReplayNet):
-        self.ngram, self.net = ngram, net
-
-    def start(self, ctx):
-        self.ngram.start(ctx)
-        self.net.start(ctx)
-
-    def propose(self, gamma):
-        w = self.ngram.propose(gamma)
-        if not w.ids:
-            w = self.net.propose(gamma)
-            self.ngram.window = w
-        self.net.window = w
-        return w
-
-    def commit(self, verdict):
-        self.ngram.commit(verdict)
-        self.net.commit(verdict)
 
 
 def network_predictions(draft_model: str, pairs) -> tuple[list[list[int]], float]:
@@ -209,18 +191,24 @@ def main(argv=None) -> int:
                                     "answer_tokens": sum(map(len, answers[:n or None]))}, store))
     rows = []
     if args.draft_model:
+        from mirror.decoding.drafters.combined import CombinedDrafter
+
         preds, agree = network_predictions(args.draft_model, pairs)
-        nets = iter([ReplayNet(p, len(q)) for p, (q, _) in zip(preds, pairs)])
-        r = simulate(pairs, lambda: next(nets), args.gamma)
+
+        def nets():  # one ReplayNet per answer, in the order simulate() replays them
+            return iter([ReplayNet(p, len(q)) for p, (q, _) in zip(preds, pairs)])
+
+        net = nets()
+        r = simulate(pairs, lambda: next(net), args.gamma)
         rows.append({"draft": "model", "draft_model": args.draft_model, "top1_agreement": agree,
                      "gamma": args.gamma, "answers": len(pairs), **r})
         tqdm.write(json.dumps(rows[-1]))
         for info, store in [({"datastore": "none"}, None)] + stores:
             for mode in args.modes:
-                nets = iter([ReplayNet(p, len(q)) for p, (q, _) in zip(preds, pairs)])
-                r = simulate(pairs, lambda: ReplayCombined(
-                    NgramDrafter(params, args.ngram_min, args.ngram_max, datastore=store, mode=mode), next(nets)),
-                    args.gamma)
+                net = nets()  # the combination rule is CombinedDrafter's own
+                r = simulate(pairs, lambda: CombinedDrafter(
+                    params, NgramDrafter(params, args.ngram_min, args.ngram_max, datastore=store, mode=mode),
+                    next(net)), args.gamma)
                 rows.append({"draft": "ngram+model", **info, "mode": mode, "gamma": args.gamma,
                              "answers": len(pairs), **r})
                 tqdm.write(json.dumps(rows[-1]))

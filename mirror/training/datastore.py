@@ -21,6 +21,15 @@ def target_answers(model, tok, data: str, prompts: int, out: str, max_new_tokens
                    seed: int = 0, skip: int = 0, max_prompt_tokens: int = 256, log=print) -> list[list[int]]:
     """Greedy answers (token ids) to `prompts` training prompts, cached in `out/answers.jsonl`.
     `skip` leaves out the first prompts of the seeded order (e.g. a held-out set)."""
+    pairs = target_pairs(model, tok, data, prompts, out, max_new_tokens, batch, seed, skip, max_prompt_tokens, log)
+    return [a for _, a in pairs]
+
+
+def target_pairs(model, tok, data: str, prompts: int, out: str, max_new_tokens: int = 128, batch: int = 32,
+                 seed: int = 0, skip: int = 0, max_prompt_tokens: int = 256,
+                 log=print) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, greedy answer ids) per training prompt: `target_answers` with the encoded
+    prompts it decoded from."""
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     cache = outp / "answers.jsonl"
@@ -49,7 +58,7 @@ def target_answers(model, tok, data: str, prompts: int, out: str, max_new_tokens
                 done[i] = ft.ids[ft.n_prompt:].tolist()
                 f.write(json.dumps({"i": i, "ids": done[i]}) + "\n")
             f.flush()
-    return [done[i] for i in range(len(enc))]
+    return [(enc[i], done[i]) for i in range(len(enc))]
 
 
 def build_datastore(model, tok, data: str, prompts: int, out: str, *, max_new_tokens: int = 128, batch: int = 32,

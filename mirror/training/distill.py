@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from ..decoding.drafters.vocab_trim import VocabTrim
 from ..models.llama import Transformer
-from ..models.ops import Linear
-from .datastore import target_answers
+from ..models.ops import Linear, pack_linears
+from .datastore import target_pairs
 from .layers import block_train
 
 
@@ -38,14 +38,17 @@ class SmallDraft(torch.nn.Module):
 
     def __init__(self, target: Transformer, k: int, keep_ids: torch.Tensor):
         super().__init__()
-        for m in target.modules():  # oneDNN-packed copies cannot be deep-copied or trained
-            if isinstance(m, Linear):
-                m.unpack()
-        self.blocks = torch.nn.ModuleList(copy.deepcopy(target.layers[i]) for i in range(k))
+        blocks = []
+        for blk in target.layers[:k]:  # oneDNN-packed copies cannot be deep-copied or trained
+            for m in blk.modules():
+                if isinstance(m, Linear):
+                    m.unpack()
+            blocks.append(copy.deepcopy(blk))
+            pack_linears(blk)  # the target keeps its packed weights for inference
+        self.blocks = torch.nn.ModuleList(blocks)
         self.norm = copy.deepcopy(target.norm)
         for p in self.parameters():
             p.requires_grad_(True)
-        target.prepare()  # re-pack the target's weights for inference
         self.emb = target.tok_emb.weight.detach()
         self.head_w = target.lm_head.weight.detach()[keep_ids]
         self.cos, self.sin = target.rope_cos, target.rope_sin
@@ -105,7 +108,6 @@ def distill_draft(target: Transformer, tok, data: str, out: str, *, answers_dir:
                   bf16: bool = True, seed: int = 0, max_new_tokens: int = 128, log=print) -> dict:
     from ..models.bundled import resolve_artifact
     from ..models.loader import save_hf
-    from .corpus import encode_prompts, load_prompts
 
     if not 1 <= layers < target.cfg.n_layers:
         raise ValueError(f"--layers must be in [1, {target.cfg.n_layers - 1}], got {layers}")
@@ -113,9 +115,7 @@ def distill_draft(target: Transformer, tok, data: str, out: str, *, answers_dir:
     outp.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     adir = answers_dir or str(outp)
-    answers = target_answers(target, tok, data, prompts, adir, max_new_tokens, seed=seed, log=log)
-    texts = load_prompts(data, prompts, seed)
-    pairs = list(zip(encode_prompts(tok, texts), answers))
+    pairs = target_pairs(target, tok, data, prompts, adir, max_new_tokens, seed=seed, log=log)
     trim_path = resolve_artifact(vocab_trim, "vocab_trim")
     trim = VocabTrim.load(trim_path)
     lut = torch.full((target.cfg.vocab_size,), -1, dtype=torch.long)
@@ -131,7 +131,7 @@ def distill_draft(target: Transformer, tok, data: str, out: str, *, answers_dir:
 
     torch.manual_seed(seed)
     draft = SmallDraft(target, layers, trim.keep_ids)
-    params = [p for p in draft.parameters() if p.requires_grad]
+    params = list(draft.parameters())  # the blocks and the norm (embedding and head are plain tensors)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * min(s, steps_total) / steps_total)))
@@ -143,7 +143,7 @@ def distill_draft(target: Transformer, tok, data: str, out: str, *, answers_dir:
         st = torch.load(ckpt, weights_only=False)
         if st["settings"] != settings:
             raise ValueError(f"{ckpt} was made with other settings ({st['settings']}); use another --out")
-        draft.load_state_dict(st["draft"], strict=False)
+        draft.load_state_dict(st["draft"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         step, run_loss, first_loss = st["step"], st["loss"], st.get("first_loss")
@@ -170,8 +170,7 @@ def distill_draft(target: Transformer, tok, data: str, out: str, *, answers_dir:
         run_loss = loss.item() if run_loss is None else 0.97 * run_loss + 0.03 * loss.item()
         bar.set_postfix(loss=f"{run_loss:.3f}")
         if time.time() - last_save > 60 or s + 1 == steps_total:
-            state = {n: p for n, p in draft.state_dict().items() if not n.startswith(("emb", "head_w"))}
-            torch.save({"settings": settings, "draft": state, "opt": opt.state_dict(), "sched": sched.state_dict(),
+            torch.save({"settings": settings, "draft": draft.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "step": s + 1, "loss": run_loss, "first_loss": first_loss}, ckpt)
             last_save = time.time()
     draft.eval()
