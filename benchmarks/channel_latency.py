@@ -45,6 +45,9 @@ class TrivialPipeline:
     def start(self, ctx, gamma):
         return DraftWindow(list(range(100, 100 + gamma)))
 
+    def prepare(self):
+        pass
+
     def on_signal(self, signal, should_stop=None):
         return 0
 

@@ -7,11 +7,12 @@ the draft's work is hidden under the target suffix.
 
 Per request the target side records (seconds, summed over steps): prefix, signal send, suffix,
 and the wait for the next window after sending the verdict; the draft side records branch
-rollouts (expand), the part of them that ran past the verdict's arrival (overrun: it finishes
-its batch first), and turning verdicts into windows (a dict lookup on a hit, serial drafting on
-a miss). From these:
-  hidden fraction  = (expand - overrun) / (expand + verdict): draft compute done while the
-                     target was busy with its suffix;
+rollouts (expand), preparing them once a window is sent (prepare: a network draft writes the
+window's KV while the target runs its prefix), the part of that work which ran past the
+verdict's arrival (overrun: a rollout finishes its step first), and turning verdicts into
+windows (a dict lookup on a hit, serial drafting on a miss). From these:
+  hidden fraction  = (prepare + expand - overrun) / (prepare + expand + verdict): draft compute
+                     done while the target was busy with its layers;
   channel time     = window wait - (overrun + verdict) + signal send: time on the wire and in
                      the gRPC stacks, not in either model;
   channel share    = channel time / decode time.
@@ -84,7 +85,7 @@ def main(argv=None) -> dict:
 def summarise(metrics: list[dict]) -> dict:
     """The overlap figures of distributed Mirror-SD requests (their `Metrics.to_dict()`)."""
     tot = {k: 0.0 for k in ("prefix_s", "suffix_s", "signal_s", "window_s", "first_window_s", "decode_s",
-                            "expand_s", "overrun_s", "verdict_s")}
+                            "expand_s", "overrun_s", "verdict_s", "prepare_s")}
     steps = hits = misses = tokens = 0
     for m in metrics:
         for k, v in m["extra"].get("timing", {}).items():
@@ -96,7 +97,7 @@ def summarise(metrics: list[dict]) -> dict:
         hits += m["hits"]
         misses += m["misses"]
         tokens += m["new_tokens"]
-    draft_total = tot["expand_s"] + tot["verdict_s"]
+    draft_total = tot["prepare_s"] + tot["expand_s"] + tot["verdict_s"]
     exposed = tot["overrun_s"] + tot["verdict_s"]
     channel = max(0.0, tot["window_s"] - exposed) + tot["signal_s"]
     n = len(metrics)
@@ -104,7 +105,7 @@ def summarise(metrics: list[dict]) -> dict:
         "requests": n, "steps": steps, "tokens": tokens, "tau": (tokens - n) / steps if steps else 0.0,
         "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
         "per_step_ms": {k: 1e3 * v / max(steps, 1) for k, v in tot.items()},
-        "hidden_fraction": (tot["expand_s"] - tot["overrun_s"]) / draft_total if draft_total else 0.0,
+        "hidden_fraction": (tot["prepare_s"] + tot["expand_s"] - tot["overrun_s"]) / draft_total if draft_total else 0.0,
         "channel_share_of_step": channel / tot["decode_s"] if tot["decode_s"] else 0.0,
         "channel_ms_per_step": 1e3 * channel / max(steps, 1),
         "tokens_per_s": tokens / tot["decode_s"] if tot["decode_s"] else 0.0,

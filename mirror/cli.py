@@ -400,7 +400,7 @@ def cmd_export_draft(args) -> int:
     t0 = time.perf_counter()
     try:
         meta = export_from_spec(lm.model, spec, args.out, kind=args.draft, rows=args.rows,
-                                step_width=args.step_width, max_len=args.max_len,
+                                step_width=args.step_width, window_width=args.window_width, max_len=args.max_len,
                                 branch_slots=args.branch_slots, opset=args.opset)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
@@ -638,6 +638,8 @@ def main(argv=None) -> int:
     e.add_argument("--stream-layers", type=int, default=1)
     e.add_argument("--rows", type=int, default=8, help="hypothesis rows R of the branch graph")
     e.add_argument("--step-width", type=int, default=64, help="tokens T per chunk call (a 1-token graph is added)")
+    e.add_argument("--window-width", type=int, default=8,
+                   help="tokens T of the window-sized step graph (a draft window + the tokens committed with it)")
     e.add_argument("--max-len", type=int, default=2048, help="KV cache positions")
     e.add_argument("--branch-slots", type=int, default=18, help="own-token slots per hypothesis row (>= gamma + 2)")
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")

@@ -91,6 +91,9 @@ class ScriptedPipeline:
         self.events.append(("start", tuple(ctx), gamma))
         return DraftWindow([1] * gamma, source="scripted")
 
+    def prepare(self):
+        self.events.append("prepare")
+
     def on_signal(self, signal, should_stop=None):
         self.signals.append(signal)
         self.events.append("expand")
@@ -140,7 +143,10 @@ def test_verdict_stops_the_expansion_then_answers(scripted):
         assert p.events[-1] == "expand", "the expansion stopped before the verdict"
         w1 = client.send_verdict(Verdict(0, 2, 42), gamma=2)
         assert w1.ids == [42, 42]
-        assert p.events == [("start", (5, 6, 7, 8), 3), "expand", "expand stopped", ("verdict", 0, 2, 42, 2)]
+        # mirror: once a window is out the draft prepares its rollouts (before the signal's expansion)
+        wait_until(lambda: p.events.count("prepare") == 2)
+        assert p.events == [("start", (5, 6, 7, 8), 3), "prepare", "expand", "expand stopped",
+                            ("verdict", 0, 2, 42, 2), "prepare"]
         got = p.signals[0]
         assert torch.equal(got.top_ids, sig.top_ids) and torch.equal(got.top_logprobs, sig.top_logprobs)
         # an sd-style step: a verdict with no signal before it
@@ -221,7 +227,7 @@ class StallingPipeline(ScriptedPipeline):
 
     def on_verdict(self, verdict, gamma):
         self.events.append(("verdict", verdict.step))
-        if len(self.events) > 4:
+        if sum(isinstance(e, tuple) and e[0] == "verdict" for e in self.events) == 2:
             time.sleep(2.0)
         return DraftWindow([7] * gamma, source="scripted")
 

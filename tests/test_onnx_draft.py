@@ -241,13 +241,15 @@ def test_provider_list_parsing_and_status():
 def test_metadata_round_trip(export_dir, bundled, ort_net, tmp_path):
     meta = read_metadata(export_dir)
     sh = meta["shapes"]
-    assert (sh["rows"], sh["step_widths"], sh["max_len"], sh["vocab"]) == (ROWS, [1, WIDTH], MAX_LEN, KEEP)
+    assert (sh["rows"], sh["step_widths"], sh["max_len"], sh["vocab"]) == (ROWS, [1, 8, WIDTH], MAX_LEN, KEEP)
     assert meta["draft"]["kind"] == "self" and meta["draft"]["layers"] == K and meta["draft"]["cache_layers"] == K
     assert meta["vocab_trim"]["size"] == KEEP and meta["dtype"] == "float32" and meta["opset"] >= 17
     assert VocabTrim.load(f"{export_dir}/{meta['vocab_trim']['file']}").keep_ids.tolist() == list(range(KEEP))
     assert meta["versions"]["torch"] == torch.__version__ and meta["versions"]["onnx"] == onnx.__version__
     assert meta["target"] == config_fingerprint(bundled.model.cfg)
-    assert set(meta["graphs"]) == {"step_t1", f"step_t{WIDTH}", f"branch_r{ROWS}"}
+    assert set(meta["graphs"]) == {"step_t1", "step_t8", f"step_t{WIDTH}", f"branch_r{ROWS}"}
+    assert set(ort_net.status["step_call_ms"]) == {"1", "8", str(WIDTH)}  # timed at load
+    assert all(v > 0 for v in ort_net.status["step_call_ms"].values())
     for name, g in meta["graphs"].items():  # recorded signatures are the files' own
         m = onnx.load(f"{export_dir}/{g['file']}", load_external_data=False)
         for v in m.graph.input:
@@ -285,6 +287,13 @@ def test_chunk_plan_prefers_few_padded_calls():
     assert sum(plan_chunks(100, [1, 8, 64], 32)) >= 100
     assert plan_chunks(5, [1, 16], 0.0) == [1] * 5  # free calls: no padding
     assert np.all(np.array(plan_chunks(200, [1, 16], 32)) > 0)
+    # measured call times (ms, as on this CPU): a window goes into the window-sized graph, two
+    # tokens into one-token calls, a prompt into wide chunks
+    ms = {1: 10.5, 8: 24.0, 64: 75.0}
+    assert plan_chunks(7, [1, 8, 64], ms) == [8]
+    assert plan_chunks(2, [1, 8, 64], ms) == [1, 1]
+    assert sorted(plan_chunks(130, [1, 8, 64], ms)) == [1, 1, 64, 64]
+    assert sorted(plan_chunks(131, [1, 8, 64], ms)) == [8, 64, 64]
 
 
 # --- every draft kind, on a tiny seeded target (fast) ---------------------------------------

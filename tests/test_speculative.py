@@ -112,6 +112,34 @@ def test_hit_window_equals_serial_draft_from_the_same_context():
         assert drafter.propose(spec.gamma).ids == fresh.propose(spec.gamma).ids
 
 
+def test_combined_draft_rolls_out_only_hypotheses_the_ngram_cannot_continue():
+    """ngram+network Mirror-SD: a hit on a hypothesis the n-gram continues takes the n-gram's
+    window, so the network spends its rows on the others only - and the output stays exact."""
+    target = TARGETS[0]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    spec = SpecConfig(method="mirror", draft="ngram+self", draft_layers=2, exit_layer=2, gamma=3, kappa=4,
+                      budget=12)
+    prompt = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 11, 12, 5, 6]  # repeats: the n-gram continues some
+    drafter = build_drafter(target, spec, params, 128)
+    tp, dp = TargetPipeline(target, params, spec), DraftPipeline(drafter, spec)
+    root = tp.start(prompt)
+    window = dp.start(prompt + [root], spec.gamma)
+    committed, both = prompt + [root], 0
+    while len(committed) - len(prompt) < params.max_new_tokens:
+        dp.prepare()
+        dp.on_signal(tp.prefix(root, window))
+        covered = {k for k, w in drafter.ngram._branches.items() if w.ids}
+        rolled = set(drafter.net._branches)
+        assert not covered & rolled
+        both += bool(covered) and bool(rolled)
+        verdict = tp.suffix()
+        committed += window.ids[:verdict.accepted] + [verdict.token]
+        root = verdict.token
+        window = dp.on_verdict(verdict, spec.gamma)
+    assert both > 0
+    assert committed[len(prompt):][:params.max_new_tokens] == generate(target, TOK, prompt, params).ids
+
+
 def test_rollback_keeps_both_caches_equal_to_a_fresh_prefill():
     """After every step, the target KV holds exactly the committed tokens but the root, the draft
     KV only committed tokens (plus its own fed window), and both equal a fresh prefill."""
@@ -122,6 +150,8 @@ def test_rollback_keeps_both_caches_equal_to_a_fresh_prefill():
     tp, dp, drafter, root, window = _pipelines(target, DraftNet.self_draft(target, 2), spec, prompt, params)
     committed = prompt + [root]
     for _ in range(8):
+        dp.prepare()  # as the draft worker does once the window is sent
+        assert drafter.kv == len(committed) + len(window.ids)
         sig = tp.prefix(root, window)
         dp.on_signal(sig)
         verdict = tp.suffix()

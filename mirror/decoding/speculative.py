@@ -34,6 +34,14 @@ class DraftPipeline:
         self.drafter.start(ctx)
         return self.drafter.propose(gamma)
 
+    @trace.traced("draft.prepare", "draft")
+    def prepare(self) -> None:
+        """Mirror-SD, once the window is sent: work the rollouts need that does not depend on the
+        signal (a network draft's KV for the window), done while the target runs its prefix."""
+        t = time.perf_counter()
+        self.drafter.prepare()
+        self.drafter.stats.prepare_s += time.perf_counter() - t
+
     @trace.traced("draft.on_signal", "draft", args=lambda self, signal, *a, **k: {"step": signal.step})
     def on_signal(self, signal: EarlyExitSignal, should_stop=None) -> int:
         """Branch-complete rollouts for the most likely hypotheses, until the verdict arrives
@@ -84,6 +92,7 @@ def generate_speculative(target: TargetPipeline, draft: DraftPipeline, tokenizer
             break
         c0 = clock()
         if spec.method == "mirror":
+            draft.prepare()  # in one process the two pipelines take turns (see the module doc)
             signal = target.prefix(root, window)
             c1 = clock()
             trace.instant("channel.send_signal", "channel", step=signal.step)
@@ -114,7 +123,8 @@ def generate_speculative(target: TargetPipeline, draft: DraftPipeline, tokenizer
     m.hits, m.misses = st.hits, st.misses
     m.extra["branches"] = st.branches
     m.extra["timing"] = tm
-    m.extra["draft_timing"] = {"expand_s": st.expand_s, "overrun_s": st.overrun_s, "verdict_s": st.verdict_s}
+    m.extra["draft_timing"] = {"expand_s": st.expand_s, "overrun_s": st.overrun_s, "verdict_s": st.verdict_s,
+                               "prepare_s": st.prepare_s}
     if st.by_source:
         m.extra["windows_by_source"] = dict(st.by_source)
     if hasattr(draft.drafter, "by_source"):

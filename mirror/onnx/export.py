@@ -28,7 +28,8 @@ import torch
 from .graphs import BranchGraph, StepGraph, StreamGraph
 
 FORMAT = "mirror-onnx-draft"
-VERSION = 1
+VERSION = 2  # 2: a window-sized step graph beside the 1-token and chunk graphs
+READS = (1, 2)  # version 1 exports run unchanged (their step widths are in the metadata)
 META_FILE = "draft.json"
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 65536  # external-data offsets on allocation-granularity boundaries, so ORT can mmap them
@@ -164,25 +165,27 @@ def graph_plan(net, rows: int, step_widths: list[int], max_len: int, branch_slot
 
 
 def export_draft(net, out_dir: str, *, target_cfg=None, kind: str = "self", rows: int = 8,
-                 step_width: int = 64, max_len: int = 2048, branch_slots: int = 18,
+                 step_width: int = 64, window_width: int = 8, max_len: int = 2048, branch_slots: int = 18,
                  opset: int | None = None, source: dict | None = None) -> dict:
     """Export `net` (a DraftNet) into `out_dir`; returns the metadata written to draft.json.
 
-    rows: hypothesis rows R of the branch graph; step_width: T of the chunk graph (a 1-token
-    graph is always exported too); max_len: cache positions S; branch_slots: W, own-token slots
-    per hypothesis row (>= gamma). `source` records where the draft came from (layers, adapter,
-    draft model, vocab trim file)."""
+    rows: hypothesis rows R of the branch graph; step_width: T of the chunk graph (prompt
+    prefill); window_width: T of a graph sized for a draft window plus the tokens committed with
+    it (what a draft feeds per step; capped at step_width); a 1-token graph is always exported
+    too. max_len: cache positions S; branch_slots: W, own-token slots per hypothesis row
+    (>= gamma). `source` records where the draft came from (layers, adapter, draft model, vocab
+    trim file)."""
     import onnx
 
-    for name, v, lo in (("rows", rows, 1), ("step_width", step_width, 1), ("max_len", max_len, 2),
-                        ("branch_slots", branch_slots, 1)):
+    for name, v, lo in (("rows", rows, 1), ("step_width", step_width, 1), ("window_width", window_width, 1),
+                        ("max_len", max_len, 2), ("branch_slots", branch_slots, 1)):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     if max_len > net.rope_cos.shape[0]:
         raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {net.rope_cos.shape[0]}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    widths = sorted({1, step_width})
+    widths = sorted({1, min(window_width, step_width), step_width})
     t0 = time.perf_counter()
     store = _WeightStore(out / WEIGHTS_FILE)
     graphs, opsets = {}, set()
@@ -247,8 +250,9 @@ def read_metadata(model_dir: str) -> dict:
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a mirror ONNX draft export")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"{path} has export format version {meta.get('version')}, this runtime reads {VERSION}")
+    if meta.get("version") not in READS:
+        raise ValueError(f"{path} has export format version {meta.get('version')}, this runtime reads "
+                         f"{', '.join(map(str, READS))}")
     return meta
 
 
@@ -304,7 +308,7 @@ def _weights_sha256(net) -> str:
 
 
 def cached_export(target, spec, kind: str | None = None, rows: int | None = None,
-                  step_width: int = 64, max_len: int | None = None) -> str:
+                  step_width: int = 64, max_len: int | None = None, window_width: int = 8) -> str:
     """The export folder for this spec's draft, exported on first use under cache_root().
     The key covers the target config, the draft's weights and settings and the exporter
     versions, so a changed draft never reuses a stale export."""
@@ -314,7 +318,7 @@ def cached_export(target, spec, kind: str | None = None, rows: int | None = None
     v = _versions()
     key = {"target": config_fingerprint(target.cfg), "weights": _weights_sha256(net), "kind": kind,
            "streams": [spec.streams, spec.stream_layers] if kind == "streaming" else None,
-           "shapes": [rows, step_width, max_len], "format": VERSION,
+           "shapes": [rows, step_width, window_width, max_len], "format": VERSION,
            "versions": [v["torch"], v["onnx"], v["onnxscript"], v["mirror_sd"]]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     out = cache_root() / f"{kind}-{digest}"
@@ -326,7 +330,8 @@ def cached_export(target, spec, kind: str | None = None, rows: int | None = None
     cache_root().mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{out.name}-", dir=cache_root())
     try:
-        export_from_spec(target, spec, tmp, kind, net=net, rows=rows, step_width=step_width, max_len=max_len)
+        export_from_spec(target, spec, tmp, kind, net=net, rows=rows, step_width=step_width,
+                         window_width=window_width, max_len=max_len)
         try:
             os.rename(tmp, out)  # atomic: a concurrent exporter of the same key loses the race harmlessly
         except OSError:

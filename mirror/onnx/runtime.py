@@ -16,6 +16,7 @@ to preallocated host arrays. Static shapes mean:
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,15 +90,17 @@ def _layers(k: torch.Tensor, v: torch.Tensor, names=("k_cache", "v_cache")) -> d
             **{f"{names[1]}_{i}": v[i] for i in range(v.shape[0])}}
 
 
-def plan_chunks(n: int, widths: list[int], call_cost: float) -> list[int]:
-    """Step widths covering n tokens at the least cost, one call costing `call_cost` tokens of
-    work plus its width (padding included). A call reads every weight once, so its fixed cost
-    dwarfs a token's: a few tokens go into one padded wide call rather than several narrow ones."""
+def plan_chunks(n: int, widths: list[int], call_cost: float | dict[int, float]) -> list[int]:
+    """Step widths covering n tokens at the least cost. `call_cost`: the cost of one call of
+    each width (a dict, e.g. measured seconds), or a number c for the model "c tokens of work
+    plus the width" (padding included). A call reads every weight once, so its fixed cost can
+    dwarf a token's: then a few tokens go into one padded wide call rather than several narrow ones."""
+    cost = call_cost if isinstance(call_cost, dict) else {w: call_cost + w for w in widths}
     best = [0.0] + [float("inf")] * n
     pick = [0] * (n + 1)
     for r in range(1, n + 1):
         for w in widths:
-            c = call_cost + w + best[max(0, r - w)]
+            c = cost[w] + best[max(0, r - w)]
             if c < best[r]:
                 best[r], pick[r] = c, w
     out, r = [], n
@@ -113,10 +116,14 @@ class OrtDraftNet:
     providers: priority list (see providers.py; default CPU); strict: raise instead of falling
     back; intra_threads / inter_threads: per session (default 1, a pinned draft core);
     target_cfg: when given, the export must have been made for this target config.
-    `status` reports the providers asked for and the ones running each graph."""
+    `status` reports the providers asked for and the ones running each graph.
+    call_cost: how feeds are split into step calls (see plan_chunks); None = time one call of
+    each step width on this provider at load (a few calls; what a wide padded call costs
+    against narrow ones differs by hardware: on a CPU a 64-wide call costs ~7 one-token calls,
+    so a 7-token window goes into the window-sized graph, not the prefill chunk)."""
 
     def __init__(self, model_dir: str, providers=None, *, strict: bool = False, intra_threads: int = 1,
-                 inter_threads: int = 1, target_cfg=None, call_cost: float = 32.0):
+                 inter_threads: int = 1, target_cfg=None, call_cost: float | dict | None = None):
         meta = read_metadata(model_dir)
         if target_cfg is not None and meta["target"] != config_fingerprint(target_cfg):
             raise ValueError(f"{model_dir} was exported for target {meta['target']}, "
@@ -159,6 +166,25 @@ class OrtDraftNet:
         self._branch = self.graphs[f"branch_r{self.R}"]
         self._stream = next((g for n, g in self.graphs.items() if n.startswith("stream_")), None)
         self._lock = threading.Lock()  # output buffers are per net: one call at a time
+        if self.call_cost is None:
+            self.call_cost = self._time_steps()
+        self.status["step_call_ms"] = ({str(w): round(1e3 * c, 2) for w, c in self.call_cost.items()}
+                                       if isinstance(self.call_cost, dict) else None)
+
+    def _time_steps(self, reps: int = 3) -> dict[int, float]:
+        """Seconds per call of each step width (median of `reps`, after one warm-up call)."""
+        cache = KVCache(self.L, 1, self.n_kv, self.max_len, self.hd, layers=range(self.L))
+        out = {}
+        for w, g in self._step.items():
+            args = dict(tokens=torch.zeros(1, w, dtype=torch.long), pos0=torch.tensor([0]),
+                        last=torch.tensor([0]), **_layers(cache.k, cache.v))
+            ts = []
+            for _ in range(reps + 1):
+                t = time.perf_counter()
+                g.run(**args)
+                ts.append(time.perf_counter() - t)
+            out[w] = sorted(ts[1:])[reps // 2]
+        return out
 
     # --- the DraftNet surface ---------------------------------------------------------------
     @property

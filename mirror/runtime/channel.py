@@ -113,7 +113,7 @@ def window_from_proto(msg: pb.DraftWindow) -> DraftWindow:
 
 def stats_from_proto(msg: pb.DraftStats) -> DraftStats:
     return DraftStats(msg.computed, msg.used, msg.hits, msg.misses, msg.branches, dict(msg.by_source),
-                      msg.expand_s, msg.overrun_s, msg.verdict_s)
+                      msg.expand_s, msg.overrun_s, msg.verdict_s, msg.prepare_s)
 
 
 # --- draft side --------------------------------------------------------------------------------
@@ -158,11 +158,22 @@ class _Session:
         self.worker = futures.ThreadPoolExecutor(1, thread_name_prefix=f"draft-{req.session_id[:8]}")
         self.stop = threading.Event()
         self.expansion: futures.Future | None = None
+        self.preparing: futures.Future | None = None
         self.closed = False
 
     def start(self) -> DraftWindow:
         with torch.inference_mode():
             return self.pipeline.start(self.req.context, self.req.gamma)
+
+    def window_sent(self) -> None:
+        """The window is on its way: prepare the rollouts while the target runs its prefix
+        (the worker runs this before the signal's expansion)."""
+        if self.req.spec.method == "mirror" and not self.closed:
+            self.preparing = self.worker.submit(self._prepare)
+
+    def _prepare(self) -> None:
+        with torch.inference_mode():
+            self.pipeline.prepare()
 
     def on_signal(self, signal: EarlyExitSignal) -> None:
         self._finish_expansion()  # a signal without a verdict in between: drop the old rollouts
@@ -174,12 +185,15 @@ class _Session:
             return self.pipeline.on_signal(signal, should_stop=self.stop.is_set)
 
     def _finish_expansion(self) -> None:
+        t = time.perf_counter()
         if self.expansion is not None:
             self.stop.set()
             fut, self.expansion = self.expansion, None
-            t = time.perf_counter()
             fut.result()  # re-raises a failed expansion
-            self.pipeline.drafter.stats.overrun_s += time.perf_counter() - t  # rollouts past the verdict
+        if self.preparing is not None:
+            fut, self.preparing = self.preparing, None
+            fut.result()
+        self.pipeline.drafter.stats.overrun_s += time.perf_counter() - t  # draft work past the verdict
 
     def on_verdict(self, verdict: Verdict, gamma: int) -> DraftWindow:
         self._finish_expansion()
@@ -190,7 +204,8 @@ class _Session:
         st = self.pipeline.drafter.totals()
         return pb.DraftStats(computed=st.computed, used=st.used, hits=st.hits, misses=st.misses,
                              branches=st.branches, by_source={str(k): int(v) for k, v in st.by_source.items()},
-                             expand_s=st.expand_s, overrun_s=st.overrun_s, verdict_s=st.verdict_s)
+                             expand_s=st.expand_s, overrun_s=st.overrun_s, verdict_s=st.verdict_s,
+                             prepare_s=st.prepare_s)
 
     def close(self) -> None:
         """Idempotent; from the handler thread or gRPC's termination callback."""
@@ -240,6 +255,7 @@ class DraftChannelServicer(channel_pb2_grpc.DraftChannelServicer):
                             raise ValueError(f"session {req.session_id!r} already exists")
                         self.sessions[req.session_id] = session
                     yield pb.DraftMessage(window=window_to_proto(session.start(), step=0))
+                    session.window_sent()
                 elif session is None:
                     raise ValueError(f"{kind} before open")
                 elif kind == "signal":
@@ -250,6 +266,7 @@ class DraftChannelServicer(channel_pb2_grpc.DraftChannelServicer):
                     v = msg.verdict
                     window = session.on_verdict(Verdict(v.step, v.accepted, v.token), v.gamma)
                     yield pb.DraftMessage(window=window_to_proto(window, step=v.step + 1))
+                    session.window_sent()
                 elif kind == "close":
                     session._finish_expansion()
                     stats = session.stats()

@@ -39,6 +39,9 @@ class RemoteDraftPipeline:
     def start(self, ctx: list[int], gamma: int) -> DraftWindow:
         return self.client.open(ctx[:-1], ctx[-1], gamma, self.spec, self.params)
 
+    def prepare(self) -> None:
+        """Nothing to send: the draft prepares on its own as soon as it has sent a window."""
+
     def on_signal(self, signal: EarlyExitSignal, should_stop=None) -> int:
         self.client.send_signal(signal)
         return 0  # the draft counts its branches; they arrive with totals()

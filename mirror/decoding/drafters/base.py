@@ -33,6 +33,7 @@ class DraftStats:
     expand_s: float = 0.0
     overrun_s: float = 0.0
     verdict_s: float = 0.0
+    prepare_s: float = 0.0  # Mirror-SD: KV for the window just sent, written during the target's prefix
 
 
 @dataclass(slots=True)
@@ -43,12 +44,12 @@ class Hypothesis:
 
 
 def rank_hypotheses(signal: EarlyExitSignal, window: DraftWindow, budget: int,
-                    floor: float = 1e-3) -> list[Hypothesis]:
+                    floor: float = 1e-3, skip=()) -> list[Hypothesis]:
     """Hypotheses (j, v) in order of estimated probability, at most `budget`.
 
     P(accept d_1..d_j, then v) ~ prod_{i<=j} p~_{i-1}(d_i) * p~_j(v), all read off the target's
     early exit; a d_i outside position i-1's top-kappa gets `floor`. v = d_{j+1} is skipped: it
-    would have been accepted, not emitted as a correction."""
+    would have been accepted, not emitted as a correction; so are the (j, v) in `skip`."""
     ids = signal.top_ids.tolist()  # one host transfer per step
     probs = signal.top_logprobs.exp().tolist()
     G = len(window.ids)
@@ -58,7 +59,7 @@ def rank_hypotheses(signal: EarlyExitSignal, window: DraftWindow, budget: int,
         nxt = window.ids[j] if j < G else None
         seen = set()
         for v, p in zip(ids[j], probs[j]):
-            if v != nxt and v not in seen:
+            if v != nxt and v not in seen and (j, v) not in skip:
                 seen.add(v)
                 heap.append((-survive * p, j, v))
         if j < G:
@@ -93,6 +94,10 @@ class Drafter:
         self.window = DraftWindow([])
 
     # --- Mirror-SD path --------------------------------------------------------------------
+    def prepare(self) -> None:
+        """After the window went out, before the signal: state work the rollouts need (a network
+        draft writes the window's KV), done while the target runs its prefix layers."""
+
     def expand(self, signal: EarlyExitSignal, gamma: int, budget: int, should_stop=None) -> int:
         """Precompute next windows for the most likely hypotheses; returns how many."""
         return 0

@@ -30,7 +30,8 @@ class CombinedDrafter(Drafter):
                        used=self.ngram.stats.used + self.net.stats.used,
                        hits=self.stats.hits, misses=self.stats.misses,
                        branches=self.net.stats.branches, by_source=dict(self.by_source),
-                       expand_s=self.stats.expand_s, overrun_s=self.stats.overrun_s, verdict_s=self.stats.verdict_s)
+                       expand_s=self.stats.expand_s, overrun_s=self.stats.overrun_s, verdict_s=self.stats.verdict_s,
+                       prepare_s=self.stats.prepare_s)
         return t
 
     def _use(self, w: DraftWindow) -> DraftWindow:
@@ -52,9 +53,15 @@ class CombinedDrafter(Drafter):
         self.ngram.commit(verdict)
         self.net.commit(verdict)
 
+    def prepare(self) -> None:
+        self.net.prepare()
+
     def expand(self, signal: EarlyExitSignal, gamma: int, budget: int, should_stop=None, batch: int = 8) -> int:
+        """n-gram branches for every hypothesis (dict probes), network rollouts only for those the
+        n-gram cannot continue: `take` prefers an n-gram window, so the network's would be unused."""
         self.ngram.expand(signal, gamma, budget)
-        return self.net.expand(signal, gamma, budget, should_stop, batch)
+        covered = {k for k, w in self.ngram._branches.items() if w.ids}
+        return self.net.expand(signal, gamma, budget, should_stop, batch, skip=covered)
 
     def take(self, verdict: Verdict) -> DraftWindow | None:
         ng = self.ngram._branches.get((verdict.accepted, verdict.token))

@@ -212,17 +212,23 @@ class NetworkDrafter(Drafter):
 
     # --- Mirror-SD branch rollouts ----------------------------------------------------------
     @torch.inference_mode()
-    def expand(self, signal: EarlyExitSignal, gamma: int, budget: int, should_stop=None,
-               batch: int = 8) -> int:
-        """Expand the most likely hypotheses (j, v) in batches of rows that share the committed
-        prefix's KV. Anytime: between batches it stops once `should_stop()` is true (the
-        target's verdict arrived), so the draft never delays the target."""
-        self._branches = {}
-        hyps = rank_hypotheses(signal, self.window, min(budget, self.max_rows))
-        # every hypothesis needs KV through d_j: feed the window tokens that lack it (usually d_G)
+    def prepare(self) -> None:
+        """Every hypothesis (j, v) needs KV through d_j: feed the window tokens that lack it
+        (d_G after serial drafting; a whole window that another drafter proposed)."""
         n, G = len(self.ctx), len(self.window.ids)
         if self.kv < n + G:
             self._feed((self.ctx + self.window.ids)[self.kv:], self.kv)
+
+    @torch.inference_mode()
+    def expand(self, signal: EarlyExitSignal, gamma: int, budget: int, should_stop=None,
+               batch: int = 8, skip=()) -> int:
+        """Expand the most likely hypotheses (j, v) - except those in `skip` - in batches of rows
+        that share the committed prefix's KV. Anytime: between batches it stops once
+        `should_stop()` is true (the target's verdict arrived), so the draft never delays the
+        target."""
+        self._branches = {}
+        hyps = rank_hypotheses(signal, self.window, min(budget, self.max_rows), skip=skip)
+        self.prepare()  # usually done already, under the target's prefix
         done = 0
         for b0 in range(0, len(hyps), batch):
             if should_stop is not None and done and should_stop():

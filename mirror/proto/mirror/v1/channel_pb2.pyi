@@ -153,7 +153,7 @@ class Error(_message.Message):
     def __init__(self, message: _Optional[str] = ...) -> None: ...
 
 class DraftStats(_message.Message):
-    __slots__ = ("computed", "used", "hits", "misses", "branches", "by_source", "expand_s", "overrun_s", "verdict_s")
+    __slots__ = ("computed", "used", "hits", "misses", "branches", "by_source", "expand_s", "overrun_s", "verdict_s", "prepare_s")
     class BySourceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,7 @@ class DraftStats(_message.Message):
     EXPAND_S_FIELD_NUMBER: _ClassVar[int]
     OVERRUN_S_FIELD_NUMBER: _ClassVar[int]
     VERDICT_S_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_S_FIELD_NUMBER: _ClassVar[int]
     computed: int
     used: int
     hits: int
@@ -179,7 +180,8 @@ class DraftStats(_message.Message):
     expand_s: float
     overrun_s: float
     verdict_s: float
-    def __init__(self, computed: _Optional[int] = ..., used: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., branches: _Optional[int] = ..., by_source: _Optional[_Mapping[str, int]] = ..., expand_s: _Optional[float] = ..., overrun_s: _Optional[float] = ..., verdict_s: _Optional[float] = ...) -> None: ...
+    prepare_s: float
+    def __init__(self, computed: _Optional[int] = ..., used: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., branches: _Optional[int] = ..., by_source: _Optional[_Mapping[str, int]] = ..., expand_s: _Optional[float] = ..., overrun_s: _Optional[float] = ..., verdict_s: _Optional[float] = ..., prepare_s: _Optional[float] = ...) -> None: ...
 
 class DraftMessage(_message.Message):
     __slots__ = ("window", "ready", "error", "stats")
