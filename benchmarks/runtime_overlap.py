@@ -53,10 +53,9 @@ def main(argv=None) -> dict:
     from .specbench import load_questions, select
 
     deploy = DeploymentConfig.load(args.config) if args.config else DeploymentConfig.local()
-    spec = deploy.speculative
-    if args.spec:
+    spec = dataclasses.replace(deploy.speculative, method="mirror")
+    if args.spec:  # {"method": "sd"}: the same requests with vanilla SD, for its step time
         spec = dataclasses.replace(spec, **json.loads(args.spec))
-    spec = dataclasses.replace(spec, method="mirror")
     tok, _ = load_tokenizer(deploy.model)
 
     class _LM:

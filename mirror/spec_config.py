@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 METHODS = ("ar", "sd", "mirror")
 DRAFTS = ("self", "model", "ngram", "streaming", "ngram+self", "ngram+streaming", "ngram+model")
 RULES = ("auto", "stochastic", "match")
+ROLLOUT_STOPS = ("predict", "verdict")
 DRAFT_BACKENDS = ("torch", "onnx")
 
 
@@ -31,6 +32,11 @@ class SpecConfig:
     ngram_max: int = 4
     ngram_datastore: str | None = None  # n-gram model of the target's own text (mirror train-draft)
     rule: str = "auto"  # acceptance at T > 0 ("auto" = stochastic); greedy when temperature == 0
+    # Mirror-SD with the draft behind the channel: a branch rollout stops when the verdict
+    # arrives ("verdict"), or also before a draft step predicted to end after the verdict's
+    # arrival, estimated from earlier steps' signal -> verdict times ("predict"): a step already
+    # running when the verdict comes delays the next window by its remainder.
+    rollout_stop: str = "predict"
     # Where the draft network runs: "torch" (eager, this process) or "onnx" (ONNX Runtime on an
     # execution provider, e.g. an NPU; see mirror/onnx). onnx_dir: a `mirror export-draft` folder
     # (None: export this spec's draft on first use into a cache folder, onnx_max_len positions).
@@ -47,6 +53,8 @@ class SpecConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.draft not in DRAFTS:
             raise ValueError(f"unknown draft {self.draft!r}; choose one of {', '.join(DRAFTS)}")
+        if self.rollout_stop not in ROLLOUT_STOPS:
+            raise ValueError(f"unknown rollout_stop {self.rollout_stop!r}; choose one of {', '.join(ROLLOUT_STOPS)}")
         if self.rule not in RULES:
             raise ValueError(f"unknown acceptance rule {self.rule!r}; choose one of {', '.join(RULES)}")
         for name, lo in (("gamma", 1), ("kappa", 1), ("budget", 1), ("branch_batch", 1),

@@ -156,6 +156,29 @@ def test_verdict_stops_the_expansion_then_answers(scripted):
     assert srv.servicer.sessions == {} and p.drafter.closed
 
 
+@pytest.mark.parametrize("policy", ["predict", "verdict"])
+def test_a_predicted_verdict_ends_rollouts_before_it_arrives(scripted, policy):
+    """rollout_stop="predict": having seen a verdict come ~0.1 s after its signal, the draft ends
+    the next expansion about then, without waiting for a verdict that comes late (0.8 s);
+    "verdict" expands until the verdict is there."""
+    from dataclasses import replace
+
+    srv, pipelines = scripted
+    with DraftChannelClient(srv.address, session_timeout=60) as client:
+        client.open([5], 6, 3, replace(SPEC, rollout_stop=policy), PARAMS)
+        p = pipelines[0]
+        client.send_signal(_signal(0))
+        time.sleep(0.1)
+        client.send_verdict(Verdict(0, 1, 9), gamma=3)
+        client.send_signal(_signal(1))
+        time.sleep(0.8)
+        stopped_before_the_verdict = p.events[-1] == "expand stopped"
+        client.send_verdict(Verdict(1, 1, 9), gamma=3)
+        client.close()
+    assert stopped_before_the_verdict == (policy == "predict")
+    assert p.events.count("expand stopped") == 2
+
+
 def test_cancel_during_expansion_frees_the_session(scripted):
     srv, pipelines = scripted
     client = DraftChannelClient(srv.address, session_timeout=60)
@@ -205,7 +228,8 @@ def _stale_verdict(client):
 
 # --- conversions -------------------------------------------------------------------------------
 def test_messages_survive_the_wire():
-    spec = SpecConfig(method="sd", draft="model", draft_model="/m", confidence=0.3, gamma=7, exit_layer=12)
+    spec = SpecConfig(method="sd", draft="model", draft_model="/m", confidence=0.3, gamma=7, exit_layer=12,
+                      rollout_stop="verdict")
     assert spec_from_proto(spec_to_proto(spec)) == spec
     assert spec_from_proto(spec_to_proto(SPEC)) == SPEC
     params = SamplingParams(max_new_tokens=9, temperature=0.7, top_k=5, top_p=0.9, seed=3)

@@ -46,6 +46,7 @@ from ..spec_config import SpecConfig
 log = logging.getLogger(__name__)
 
 _OPTIONAL_PATHS = ("draft_model", "adapter", "exit_head", "vocab_trim", "ngram_datastore")  # None <-> ""
+_DEFAULTED = ("rollout_stop",)  # "" -> SpecConfig's default
 _MESSAGE_MB = 64  # stochastic windows carry [G, vocab] floats (~1 MB at G=5, V=49152)
 _GRPC_OPTIONS = [("grpc.max_send_message_length", _MESSAGE_MB << 20),
                  ("grpc.max_receive_message_length", _MESSAGE_MB << 20)]
@@ -70,6 +71,9 @@ def spec_from_proto(msg: pb.SpecConfig) -> SpecConfig:
     d = {n: getattr(msg, n) for n in _wire_fields()}
     for k in _OPTIONAL_PATHS:
         d[k] = d[k] or None
+    for k in _DEFAULTED:  # empty: a peer that does not send the field gets the default
+        if k in d and not d[k]:
+            del d[k]
     return SpecConfig(**d)
 
 
@@ -160,6 +164,13 @@ class _Session:
         self.expansion: futures.Future | None = None
         self.preparing: futures.Future | None = None
         self.closed = False
+        # rollout_stop="predict": when the verdict is expected (signal arrival + an average of
+        # earlier signal -> verdict times) and how long one rollout step takes
+        self._signal_t: float | None = None
+        self._suffix_s: float | None = None
+        self._deadline: float | None = None
+        self._step_s: float | None = None
+        self._last_check = 0.0
 
     def start(self) -> DraftWindow:
         with torch.inference_mode():
@@ -178,11 +189,27 @@ class _Session:
     def on_signal(self, signal: EarlyExitSignal) -> None:
         self._finish_expansion()  # a signal without a verdict in between: drop the old rollouts
         self.stop.clear()
+        self._signal_t = time.perf_counter()
+        predict = self.req.spec.rollout_stop == "predict" and self._suffix_s is not None
+        self._deadline = self._signal_t + self._suffix_s if predict else None
         self.expansion = self.worker.submit(self._expand, signal)
 
     def _expand(self, signal: EarlyExitSignal) -> int:
+        self._last_check = time.perf_counter()
         with torch.inference_mode():
-            return self.pipeline.on_signal(signal, should_stop=self.stop.is_set)
+            return self.pipeline.on_signal(signal, should_stop=self._should_stop)
+
+    def _should_stop(self) -> bool:
+        """Asked by the drafter between rollout steps: stop once the verdict is here, or (predict)
+        rather than start a step that would end after the verdict's expected arrival."""
+        if self.stop.is_set():
+            return True
+        if self._deadline is None:
+            return False
+        now = time.perf_counter()
+        step, self._last_check = now - self._last_check, now
+        self._step_s = step if self._step_s is None else 0.5 * (self._step_s + step)
+        return now + self._step_s > self._deadline
 
     def _finish_expansion(self) -> None:
         t = time.perf_counter()
@@ -196,6 +223,9 @@ class _Session:
         self.pipeline.drafter.stats.overrun_s += time.perf_counter() - t  # draft work past the verdict
 
     def on_verdict(self, verdict: Verdict, gamma: int) -> DraftWindow:
+        if self._signal_t is not None:  # how long after its signal a verdict arrives
+            seen, self._signal_t = time.perf_counter() - self._signal_t, None
+            self._suffix_s = seen if self._suffix_s is None else 0.8 * self._suffix_s + 0.2 * seen
         self._finish_expansion()
         with torch.inference_mode():
             return self.pipeline.on_verdict(verdict, gamma)
