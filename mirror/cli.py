@@ -39,7 +39,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
     """Speculative settings; each one given overrides the base config (see spec_from_args)."""
-    from .spec_config import DRAFT_BACKENDS, DRAFTS, METHODS, RULES
+    from .spec_config import DRAFT_BACKENDS, DRAFTS, METHODS, ROLLOUT_STOPS, RULES
 
     S = argparse.SUPPRESS
     g = p.add_argument_group("speculative decoding (defaults: the deployment config's)")
@@ -61,6 +61,9 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rule", default=S, choices=RULES, help="acceptance rule at temperature > 0")
     g.add_argument("--ngram-datastore", default=S, help="n-gram datastore of the target's text (train-draft); 'bundled': shipped for the default model")
     g.add_argument("--exit-trim", default=S, help="VocabTrim set for the early-exit head; 'bundled' as for --vocab-trim")
+    g.add_argument("--rollout-stop", default=S, choices=ROLLOUT_STOPS,
+                   help="distributed Mirror-SD: end branch rollouts at the verdict, or also before a draft "
+                        "step predicted to end after it (predict, the default)")
     o = p.add_argument_group("draft backend: ONNX Runtime (see mirror export-draft)")
     o.add_argument("--draft-backend", default=S, choices=DRAFT_BACKENDS,
                    help="where the draft network runs: torch, or onnx (ONNX Runtime on an execution provider)")
@@ -78,7 +81,7 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
 _SPEC_FLAGS = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "branch_batch", "confidence",
                "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers",
                "rule", "draft_backend", "onnx_dir", "onnx_providers", "onnx_strict", "onnx_threads", "onnx_max_len",
-               "ngram_datastore", "exit_trim")
+               "ngram_datastore", "exit_trim", "rollout_stop")
 
 
 def spec_from_args(args, base=None):
