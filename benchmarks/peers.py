@@ -7,7 +7,9 @@ Three peers, each greedy/sampled like the run:
   hf:pld       prompt-lookup decoding (`prompt_lookup_num_tokens`)
   hf:assisted  assisted generation; the draft is the target's first k layers (+ final norm and
                LM head) as a separate small model sharing the tokenizer - untrained, so it shows
-               what a cheap-but-inaccurate draft costs
+               what a cheap-but-inaccurate draft costs - or, with `draft_model`, a Hugging Face
+               folder such as the one `mirror distill-draft` writes (the same draft our
+               `model` / `ngram+model` drafts run)
 Prompts are our token ids (no second tokenizer). Timing is the generate call, prefill included,
 as for our methods. Outputs stop at the first EOS; the EOS is not counted.
 """
@@ -33,7 +35,8 @@ def _dtype_kw(transformers) -> str:
 class HFPeers:
     """One transformers target (and assisted-generation draft) built from our loaded model."""
 
-    def __init__(self, lm, draft_layers: int = 4, pld_tokens: int = 10, workdir: str | None = None):
+    def __init__(self, lm, draft_layers: int = 4, pld_tokens: int = 10, workdir: str | None = None,
+                 draft_model: str | None = None):
         try:
             import transformers
         except ImportError as e:
@@ -53,7 +56,15 @@ class HFPeers:
         self.target = AutoModelForCausalLM.from_pretrained(f"{root}/target", **kw).eval()
         self.draft = None
         n = lm.model.cfg.n_layers
-        if 1 <= draft_layers < n:
+        if draft_model is not None:
+            try:
+                self.draft = AutoModelForCausalLM.from_pretrained(draft_model, **kw).eval()
+            except (OSError, ValueError) as e:
+                raise PeersUnavailable(f"cannot load the assisted-generation draft {draft_model}: {e}") from e
+            if self.draft.config.vocab_size != self.target.config.vocab_size:
+                raise PeersUnavailable(f"draft {draft_model} has vocab {self.draft.config.vocab_size}, the "
+                                       f"target {self.target.config.vocab_size}")
+        elif 1 <= draft_layers < n:
             cfg = self.target.config.__class__.from_dict(
                 {**self.target.config.to_dict(), "num_hidden_layers": draft_layers})
             self.draft = AutoModelForCausalLM.from_config(cfg, **kw).eval()
@@ -104,10 +115,10 @@ class PeerEngine:
         return self.peers.generate(self.mode, prompt_ids, params, self.name)
 
 
-def peer_methods(lm, draft_layers: int = 4, pld_tokens: int = 10) -> list:
+def peer_methods(lm, draft_layers: int = 4, pld_tokens: int = 10, draft_model: str | None = None) -> list:
     """Bench methods hf:plain, hf:pld and (when a draft fits) hf:assisted."""
     from .bench import Method
 
-    peers = HFPeers(lm, draft_layers=draft_layers, pld_tokens=pld_tokens)
+    peers = HFPeers(lm, draft_layers=draft_layers, pld_tokens=pld_tokens, draft_model=draft_model)
     modes = ["plain", "pld"] + (["assisted"] if peers.draft is not None else [])
     return [Method(f"hf:{m}", None, PeerEngine(peers, m, f"hf:{m}"), peer=True) for m in modes]

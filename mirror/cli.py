@@ -64,6 +64,9 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rollout-stop", default=S, choices=ROLLOUT_STOPS,
                    help="distributed Mirror-SD: end branch rollouts at the verdict, or also before a draft "
                         "step predicted to end after it (predict, the default)")
+    g.add_argument("--pre-budget", type=int, default=S,
+                   help="Mirror-SD with a network draft: hypotheses expanded before the signal, ranked by "
+                        "the draft's own distribution (0: signal only)")
     o = p.add_argument_group("draft backend: ONNX Runtime (see mirror export-draft)")
     o.add_argument("--draft-backend", default=S, choices=DRAFT_BACKENDS,
                    help="where the draft network runs: torch, or onnx (ONNX Runtime on an execution provider)")
@@ -81,7 +84,7 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
 _SPEC_FLAGS = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "branch_batch", "confidence",
                "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers",
                "rule", "draft_backend", "onnx_dir", "onnx_providers", "onnx_strict", "onnx_threads", "onnx_max_len",
-               "ngram_datastore", "exit_trim", "rollout_stop")
+               "ngram_datastore", "exit_trim", "rollout_stop", "pre_budget")
 
 
 def spec_from_args(args, base=None):

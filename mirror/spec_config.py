@@ -37,6 +37,11 @@ class SpecConfig:
     # arrival, estimated from earlier steps' signal -> verdict times ("predict"): a step already
     # running when the verdict comes delays the next window by its remainder.
     rollout_stop: str = "predict"
+    # Mirror-SD with a network draft: hypotheses expanded as soon as the window is sent, ranked by
+    # the draft's own distribution over the window (its runner-up tokens at each position), so
+    # the draft works through the target's prefix too instead of waiting for the signal; the
+    # signal's hypotheses follow, skipping those already done (0 = off: signal only).
+    pre_budget: int = 0
     # Where the draft network runs: "torch" (eager, this process) or "onnx" (ONNX Runtime on an
     # execution provider, e.g. an NPU; see mirror/onnx). onnx_dir: a `mirror export-draft` folder
     # (None: export this spec's draft on first use into a cache folder, onnx_max_len positions).
@@ -62,6 +67,8 @@ class SpecConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if not isinstance(self.pre_budget, int) or isinstance(self.pre_budget, bool) or self.pre_budget < 0:
+            raise ValueError(f"pre_budget must be an integer >= 0, got {self.pre_budget!r}")
         if self.gamma > 16:
             raise ValueError(f"gamma must be <= 16, got {self.gamma}")
         if self.exit_layer < 0:

@@ -220,6 +220,35 @@ def test_peers_run_side_by_side(bundled):
     assert s["overall"]["hf:plain"]["speedup"] > 0
 
 
+def test_peers_assisted_with_a_given_draft_model(bundled, tmp_path):
+    """hf:assisted with a Hugging Face folder as its draft (what distill-draft writes): greedy
+    assisted generation keeps the target's output; a draft of another vocabulary is refused."""
+    pytest.importorskip("transformers", reason="peers need the optional extra: pip install 'mirror-sd[peers]'")
+    from benchmarks.peers import PeersUnavailable, peer_methods
+    from mirror.models import save_hf
+    from mirror.models.llama import Transformer
+
+    from helpers import tiny_model
+
+    t = bundled.model
+    small = Transformer(t.cfg.with_(n_layers=3))
+    small.load_state_dict({k: v for k, v in t.state_dict().items()
+                           if not k.startswith("layers.") or int(k.split(".")[1]) < 3}, strict=False)
+    save_hf(small.prepare(), str(tmp_path / "draft"))
+    peers = peer_methods(bundled, draft_model=str(tmp_path / "draft"))
+    assisted = next(m for m in peers if m.label == "hf:assisted")
+    assert assisted.engine.peers.draft.config.num_hidden_layers == 3
+    methods = [bench.Method("ar", None, bench.InProcessEngine(bundled)), assisted]
+    recs = bench.run_bench(methods, bundled.tokenizer, QUESTIONS[:1], SamplingParams(max_new_tokens=12),
+                           warmup=0, progress=False)
+    assert recs[0]["methods"]["hf:assisted"]["new_tokens"] > 0
+    save_hf(tiny_model("tiny"), str(tmp_path / "other"))
+    with pytest.raises(PeersUnavailable, match="vocab"):
+        peer_methods(bundled, draft_model=str(tmp_path / "other"))
+    with pytest.raises(PeersUnavailable, match="cannot load"):
+        peer_methods(bundled, draft_model=str(tmp_path / "missing"))
+
+
 # --- exit profile ----------------------------------------------------------------------------
 def test_exit_profile_omega_bounds_monotone_and_last_layer(bundled, tmp_path):
     from mirror.decoding.ar import generate_ar

@@ -55,6 +55,23 @@ def test_greedy_mirror_through_the_channel_equals_plain_decoding(bundled, draft_
         assert draft_server.servicer.sessions == {}
 
 
+def test_pre_signal_rollouts_through_the_channel_are_lossless_and_counted(bundled, draft_server):
+    """pre_budget over the channel: the draft expands its own hypotheses once a window is out
+    (under the target's prefix), the signal's after them; output stays plain decoding's."""
+    from dataclasses import replace
+
+    spec = replace(SPEC, pre_budget=4)
+    params = SamplingParams(max_new_tokens=32, ignore_eos=True)
+    ids = bundled.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    ref = generate(bundled.model, bundled.tokenizer, ids, params, SpecConfig(method="ar"))
+    res = _remote(bundled, draft_server, ids, params, spec)
+    assert res.ids == ref.ids
+    m = res.metrics
+    assert m.hits + m.misses == m.target_steps - 1
+    assert m.extra["pre_branches"] > 0 and 0 <= m.extra["pre_hits"] <= m.hits
+    assert draft_server.servicer.sessions == {}
+
+
 def test_sampled_sd_through_the_channel_equals_in_process(bundled, draft_server):
     """Serial drafting consumes the draft's seeded generator the same way on both paths, so
     the sampled output (and the draft probabilities that crossed the channel) must match."""
@@ -91,7 +108,7 @@ class ScriptedPipeline:
         self.events.append(("start", tuple(ctx), gamma))
         return DraftWindow([1] * gamma, source="scripted")
 
-    def prepare(self):
+    def prepare(self, should_stop=None):
         self.events.append("prepare")
 
     def on_signal(self, signal, should_stop=None):
@@ -154,6 +171,33 @@ def test_verdict_stops_the_expansion_then_answers(scripted):
         stats = client.close()
         assert stats == DraftStats(5, 3, 1, 2, 4, {"scripted": 3})
     assert srv.servicer.sessions == {} and p.drafter.closed
+
+
+class PreExpandingPipeline(ScriptedPipeline):
+    """prepare() rolls out until told to stop, as pre-signal rollouts (pre_budget) may."""
+
+    def prepare(self, should_stop=None):
+        self.events.append("prepare")
+        while not should_stop():
+            time.sleep(0.001)
+        self.events.append("prepare stopped")
+
+
+def test_pre_signal_rollouts_neither_block_the_signal_nor_outlive_the_verdict():
+    with DraftServer(lambda req: PreExpandingPipeline(req)) as srv:
+        with DraftChannelClient(srv.address, session_timeout=60, reply_timeout=5) as client:
+            client.open([5], 6, 3, SPEC, PARAMS)
+            (p,) = [s.pipeline for s in srv.servicer.sessions.values()]
+            wait_until(lambda: p.events[-1] == "prepare")
+            client.send_signal(_signal(0))
+            time.sleep(0.05)
+            assert p.events[-1] == "prepare", "the signal stopped the pre-signal rollouts"
+            t0 = time.perf_counter()
+            assert client.send_verdict(Verdict(0, 1, 9), gamma=3).ids == [9, 9, 9]
+            assert time.perf_counter() - t0 < 1.0
+            assert p.events[1:5] == ["prepare", "prepare stopped", "expand", "expand stopped"]
+            wait_until(lambda: p.events[-1] == "prepare")  # the next window's, running again
+            client.close()
 
 
 @pytest.mark.parametrize("policy", ["predict", "verdict"])

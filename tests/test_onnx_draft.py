@@ -310,15 +310,17 @@ def _tiny_adapter_artifact(target, path, k=2):
                   {"layers": k, "adapter": {"ffn_dim": adapter.cfg.ffn_dim}, "target": target_fingerprint(target)})
 
 
-@pytest.mark.parametrize("kind", ["adapter", "model"])
-def test_adapter_and_separate_model_drafts_are_exported_and_lossless(kind, tmp_path):
+@pytest.mark.parametrize("kind,pre_budget", [("adapter", 0), ("model", 0), ("model", 5)])
+def test_adapter_and_separate_model_drafts_are_exported_and_lossless(kind, pre_budget, tmp_path):
+    """pre_budget 5 with 4-row branch calls: pre-signal rows and the signal's rows share and
+    cross the row groups; the ORT draft must still propose exactly what the PyTorch one does."""
     from helpers import byte_tokenizer, tiny_model
     from mirror.decoding.factory import build_draft_net
     from mirror.models import save_hf
     from mirror.onnx.export import export_from_spec
 
     target, tok = tiny_model("tiny", seed=0), byte_tokenizer()
-    kw = dict(method="mirror", gamma=3, kappa=4, budget=8, branch_batch=8)
+    kw = dict(method="mirror", gamma=3, kappa=4, budget=8, branch_batch=8, pre_budget=pre_budget)
     if kind == "adapter":
         _tiny_adapter_artifact(target, str(tmp_path / "art.safetensors"))
         kw.update(draft="self", adapter=str(tmp_path / "art.safetensors"))
@@ -344,6 +346,8 @@ def test_adapter_and_separate_model_drafts_are_exported_and_lossless(kind, tmp_p
         assert res.ids == generate(target, tok, prompt, params).ids
         ref = generate(target, tok, prompt, params, SpecConfig(**kw)).metrics
         assert (res.metrics.accepted_tokens, res.metrics.hits) == (ref.accepted_tokens, ref.hits)
+        assert res.metrics.extra.get("pre_hits") == ref.extra.get("pre_hits")
+        assert (res.metrics.extra.get("pre_branches", 0) > 0) == (pre_budget > 0)
 
 
 def test_streaming_draft_is_exported_on_first_use_and_reused(tmp_path, monkeypatch):

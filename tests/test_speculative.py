@@ -31,15 +31,15 @@ def draft_dir(tmp_path_factory):
        method=st.sampled_from(["sd", "mirror"]), draft=st.sampled_from(DRAFTS),
        gamma=st.integers(1, 6), kappa=st.integers(1, 8), exit_layer=st.integers(1, 3),
        budget=st.integers(1, 16), confidence=st.sampled_from([0.0, 0.05, 0.3]),
-       k=st.integers(1, 3), streams=st.integers(1, 3))
+       k=st.integers(1, 3), streams=st.integers(1, 3), pre_budget=st.sampled_from([0, 0, 3, 8]))
 def test_greedy_speculative_equals_plain_decoding(draft_dir, seed, prompt, method, draft, gamma, kappa,
-                                                  exit_layer, budget, confidence, k, streams):
+                                                  exit_layer, budget, confidence, k, streams, pre_budget):
     target = TARGETS[seed]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     ref = generate(target, TOK, prompt, params)
     spec = SpecConfig(method=method, draft=draft, gamma=gamma, kappa=kappa, exit_layer=exit_layer,
                       budget=budget, confidence=confidence, draft_layers=k, streams=streams,
-                      draft_model=draft_dir if "model" in draft else None)
+                      draft_model=draft_dir if "model" in draft else None, pre_budget=pre_budget)
     res = generate(target, TOK, prompt, params, spec)
     assert res.ids == ref.ids
     assert res.metrics.committed + 1 >= len(res.ids)  # prefill gives 1, every other token a verified step
@@ -110,6 +110,45 @@ def test_hit_window_equals_serial_draft_from_the_same_context():
         drafter.commit(verdict)
         fresh.commit(verdict)
         assert drafter.propose(spec.gamma).ids == fresh.propose(spec.gamma).ids
+
+
+def test_pre_signal_rollouts_use_the_drafts_own_distribution_and_survive_the_signal():
+    """pre_budget: before the signal the draft expands hypotheses ranked by its own top-k at
+    window positions 0..G (read off the logits it computed while drafting; position G from
+    prepare's feed); the signal's expansion adds others in later rows without disturbing them,
+    and a hit on a pre-signal hypothesis proposes what serial drafting from that context would."""
+    target = TARGETS[2]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    spec = SpecConfig(method="mirror", draft="self", draft_layers=2, exit_layer=2, gamma=4, budget=8, pre_budget=5)
+    prompt = [10, 20, 30, 40, 50, 60]
+    for pick in (0, 4):
+        tp, dp, drafter, root, window = _pipelines(target, DraftNet.self_draft(target, 2), spec, prompt, params)
+        drafter.max_rows = 16
+        drafter.buf = drafter.net.new_branch_buffer(drafter.cache, 16, spec.gamma + 2)
+        ctx = prompt + [root]
+        G = len(window.ids)
+        assert dp.prepare() == 5 and drafter.stats.pre_branches == 5
+        sig = drafter.own_signal()
+        fresh = NetworkDrafter(DraftNet.self_draft(target, 2), params, 256, 128)
+        full = fresh.net(torch.tensor([ctx + window.ids]), torch.arange(len(ctx) + G)[None], fresh.cache)[0]
+        top = torch.softmax(full[len(ctx) - 1:], -1).topk(sig.top_ids.shape[1])
+        assert torch.equal(sig.top_ids, top.indices)  # positions 0..G: root, d_1..d_G
+        torch.testing.assert_close(sig.top_logprobs.exp(), top.values, rtol=1e-4, atol=1e-6)
+        pre = list(drafter._branches)
+        assert len(pre) == 5 and all(v != (window.ids[j] if j < G else None) for j, v in pre)
+        # the signal: other hypotheses only (each position's two least likely of 256 tokens)
+        low = torch.softmax(full[len(ctx) - 1:], -1).argsort(-1)[:, :2]
+        drafter.expand(EarlyExitSignal(0, low, torch.log(torch.full(low.shape, 0.5))), spec.gamma, spec.budget)
+        assert set(pre) <= set(drafter._branches) and len(drafter._branches) > 5
+        assert sorted(b[2] for b in drafter._branches.values()) == list(range(len(drafter._branches)))
+        j, v = pre[pick]
+        hit = drafter.take(Verdict(0, j, v))
+        assert hit is not None and drafter.stats.pre_hits == 1
+        fresh.start(ctx + window.ids[:j] + [v])
+        assert hit.ids == fresh.propose(spec.gamma).ids
+        # the hit window's own distribution was recorded by the rollout: pre-expansion goes on
+        assert dp.prepare() == 5
+        assert drafter.own_signal().top_ids[0].tolist() == fresh._own[0][0]
 
 
 def test_combined_draft_rolls_out_only_hypotheses_the_ngram_cannot_continue():

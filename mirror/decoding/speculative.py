@@ -35,12 +35,14 @@ class DraftPipeline:
         return self.drafter.propose(gamma)
 
     @trace.traced("draft.prepare", "draft")
-    def prepare(self) -> None:
+    def prepare(self, should_stop=None) -> int:
         """Mirror-SD, once the window is sent: work the rollouts need that does not depend on the
-        signal (a network draft's KV for the window), done while the target runs its prefix."""
+        signal (a network draft's KV for the window), done while the target runs its prefix, and
+        with `spec.pre_budget` rollouts of hypotheses the draft ranks itself (until `should_stop`)."""
         t = time.perf_counter()
-        self.drafter.prepare()
+        n = self.drafter.prepare(self.spec.gamma, self.spec.pre_budget, should_stop, self.spec.branch_batch)
         self.drafter.stats.prepare_s += time.perf_counter() - t
+        return n
 
     @trace.traced("draft.on_signal", "draft", args=lambda self, signal, *a, **k: {"step": signal.step})
     def on_signal(self, signal: EarlyExitSignal, should_stop=None) -> int:
@@ -122,6 +124,8 @@ def generate_speculative(target: TargetPipeline, draft: DraftPipeline, tokenizer
     m.draft_tokens_computed, m.draft_tokens_used = st.computed, st.used
     m.hits, m.misses = st.hits, st.misses
     m.extra["branches"] = st.branches
+    if st.pre_branches:
+        m.extra["pre_branches"], m.extra["pre_hits"] = st.pre_branches, st.pre_hits
     m.extra["timing"] = tm
     m.extra["draft_timing"] = {"expand_s": st.expand_s, "overrun_s": st.overrun_s, "verdict_s": st.verdict_s,
                                "prepare_s": st.prepare_s}

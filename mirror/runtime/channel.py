@@ -117,7 +117,7 @@ def window_from_proto(msg: pb.DraftWindow) -> DraftWindow:
 
 def stats_from_proto(msg: pb.DraftStats) -> DraftStats:
     return DraftStats(msg.computed, msg.used, msg.hits, msg.misses, msg.branches, dict(msg.by_source),
-                      msg.expand_s, msg.overrun_s, msg.verdict_s, msg.prepare_s)
+                      msg.expand_s, msg.overrun_s, msg.verdict_s, msg.prepare_s, msg.pre_branches, msg.pre_hits)
 
 
 # --- draft side --------------------------------------------------------------------------------
@@ -177,18 +177,23 @@ class _Session:
             return self.pipeline.start(self.req.context, self.req.gamma)
 
     def window_sent(self) -> None:
-        """The window is on its way: prepare the rollouts while the target runs its prefix
-        (the worker runs this before the signal's expansion)."""
+        """The window is on its way: prepare the rollouts while the target runs its prefix (the
+        window's draft KV, and with spec.pre_budget the draft's own most likely hypotheses; the
+        worker runs this before the signal's expansion, which skips what it did)."""
         if self.req.spec.method == "mirror" and not self.closed:
+            self.stop.clear()  # the next verdict stops the pre-signal rollouts too
+            self._deadline = None  # known once the signal is here
             self.preparing = self.worker.submit(self._prepare)
 
     def _prepare(self) -> None:
+        self._last_check = time.perf_counter()
         with torch.inference_mode():
-            self.pipeline.prepare()
+            self.pipeline.prepare(should_stop=self._should_stop)
 
     def on_signal(self, signal: EarlyExitSignal) -> None:
-        self._finish_expansion()  # a signal without a verdict in between: drop the old rollouts
-        self.stop.clear()
+        if self.expansion is not None:  # a signal without a verdict in between: drop the old rollouts
+            self._finish_expansion()
+            self.stop.clear()
         self._signal_t = time.perf_counter()
         predict = self.req.spec.rollout_stop == "predict" and self._suffix_s is not None
         self._deadline = self._signal_t + self._suffix_s if predict else None
@@ -213,8 +218,8 @@ class _Session:
 
     def _finish_expansion(self) -> None:
         t = time.perf_counter()
+        self.stop.set()  # ends the signal's rollouts and any pre-signal ones (prepare)
         if self.expansion is not None:
-            self.stop.set()
             fut, self.expansion = self.expansion, None
             fut.result()  # re-raises a failed expansion
         if self.preparing is not None:
@@ -235,7 +240,7 @@ class _Session:
         return pb.DraftStats(computed=st.computed, used=st.used, hits=st.hits, misses=st.misses,
                              branches=st.branches, by_source={str(k): int(v) for k, v in st.by_source.items()},
                              expand_s=st.expand_s, overrun_s=st.overrun_s, verdict_s=st.verdict_s,
-                             prepare_s=st.prepare_s)
+                             prepare_s=st.prepare_s, pre_branches=st.pre_branches, pre_hits=st.pre_hits)
 
     def close(self) -> None:
         """Idempotent; from the handler thread or gRPC's termination callback."""

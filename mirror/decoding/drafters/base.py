@@ -33,7 +33,9 @@ class DraftStats:
     expand_s: float = 0.0
     overrun_s: float = 0.0
     verdict_s: float = 0.0
-    prepare_s: float = 0.0  # Mirror-SD: KV for the window just sent, written during the target's prefix
+    prepare_s: float = 0.0  # Mirror-SD: KV for the window just sent (+ pre-signal rollouts), during the target's prefix
+    pre_branches: int = 0  # hypotheses expanded before the signal (SpecConfig.pre_budget)
+    pre_hits: int = 0  # hits on those
 
 
 @dataclass(slots=True)
@@ -94,9 +96,12 @@ class Drafter:
         self.window = DraftWindow([])
 
     # --- Mirror-SD path --------------------------------------------------------------------
-    def prepare(self) -> None:
+    def prepare(self, gamma: int = 0, budget: int = 0, should_stop=None, batch: int = 8) -> int:
         """After the window went out, before the signal: state work the rollouts need (a network
-        draft writes the window's KV), done while the target runs its prefix layers."""
+        draft writes the window's KV), done while the target runs its prefix layers; with a
+        `budget`, also rollouts for up to that many hypotheses the drafter ranks itself (network
+        drafts: SpecConfig.pre_budget). Returns how many were expanded."""
+        return 0
 
     def expand(self, signal: EarlyExitSignal, gamma: int, budget: int, should_stop=None) -> int:
         """Precompute next windows for the most likely hypotheses; returns how many."""

@@ -31,7 +31,8 @@ class CombinedDrafter(Drafter):
                        hits=self.stats.hits, misses=self.stats.misses,
                        branches=self.net.stats.branches, by_source=dict(self.by_source),
                        expand_s=self.stats.expand_s, overrun_s=self.stats.overrun_s, verdict_s=self.stats.verdict_s,
-                       prepare_s=self.stats.prepare_s)
+                       prepare_s=self.stats.prepare_s, pre_branches=self.net.stats.pre_branches,
+                       pre_hits=self.net.stats.pre_hits)
         return t
 
     def _use(self, w: DraftWindow) -> DraftWindow:
@@ -53,8 +54,11 @@ class CombinedDrafter(Drafter):
         self.ngram.commit(verdict)
         self.net.commit(verdict)
 
-    def prepare(self) -> None:
-        self.net.prepare()
+    def prepare(self, gamma: int = 0, budget: int = 0, should_stop=None, batch: int = 8) -> int:
+        """The network's window KV and, with a budget, its pre-signal rollouts - for the hypotheses
+        the n-gram cannot continue (an n-gram branch made here is kept for `take`)."""
+        return self.net.prepare(gamma, budget, should_stop, batch,
+                                skip=lambda h: bool(self.ngram.branch(h.j, h.token, gamma).ids))
 
     def expand(self, signal: EarlyExitSignal, gamma: int, budget: int, should_stop=None, batch: int = 8) -> int:
         """n-gram branches for every hypothesis (dict probes), network rollouts only for those the

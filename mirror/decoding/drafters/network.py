@@ -146,13 +146,30 @@ class NetworkDrafter(Drafter):
         self.gen = params.generator()
         self.positions = torch.arange(self.cache.max_len)[None]
         self._branches: dict = {}
+        # Pre-signal rollouts (SpecConfig.pre_budget): the draft's own top-k at window positions
+        # 0..G (position j: what follows root, d_1..d_j), recorded where the logits are computed
+        # anyway; `_pre_rows` branch rows are taken by hypotheses expanded before the signal.
+        self.own_k = 8
+        self._own: dict[int, tuple[list[int], list[float]]] = {}
+        self._pre_rows = 0
 
     def start(self, ctx: list[int]) -> None:
         super().start(ctx)
         self.kv = 0
         self.cache.reset()
         self.gen = self.params.generator()
+        self._reset_window_state()
+
+    def _reset_window_state(self) -> None:
         self._branches = {}
+        self._own = {}
+        self._pre_rows = 0
+
+    def _record(self, j: int, logits: torch.Tensor) -> None:
+        """The draft's top-k at window position j from [1, V'] (or [V']) logits."""
+        p = torch.softmax(logits.float().reshape(-1), -1)
+        v, i = p.topk(min(self.own_k, p.shape[-1]))
+        self._own[j] = (self.net.to_full(i).tolist(), v.tolist())
 
     @property
     def fed(self) -> int:
@@ -173,11 +190,12 @@ class NetworkDrafter(Drafter):
     # --- serial drafting ------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, gamma: int) -> DraftWindow:
-        self._branches = {}
+        self._reset_window_state()
         n = len(self.ctx)
         logits = self._feed(self.ctx[self.kv:], self.kv)  # at least the root
         ids, probs = [], []
         for i in range(gamma):
+            self._record(i, logits)
             tok, pr, conf = self._choose(logits, self.gen)
             self.stats.computed += 1
             if self.confidence and float(conf[0]) < self.confidence:
@@ -202,22 +220,76 @@ class NetworkDrafter(Drafter):
         self.kv = min(self.kv, len(self.ctx))
         self.cache.set_length(0, self.kv)
         self.window = window
-        self._branches = {}
+        self._reset_window_state()
 
     def commit(self, verdict: Verdict) -> None:
         self.kv = min(self.kv, len(self.ctx)) + min(verdict.accepted, self.fed)
         self.cache.set_length(0, self.kv)
         super().commit(verdict)
-        self._branches = {}
+        self._reset_window_state()
 
     # --- Mirror-SD branch rollouts ----------------------------------------------------------
     @torch.inference_mode()
-    def prepare(self) -> None:
+    def prepare(self, gamma: int = 0, budget: int = 0, should_stop=None, batch: int = 8, skip=None) -> int:
         """Every hypothesis (j, v) needs KV through d_j: feed the window tokens that lack it
-        (d_G after serial drafting; a whole window that another drafter proposed)."""
+        (d_G after serial drafting; a whole window that another drafter proposed). With a
+        `budget` (SpecConfig.pre_budget), then expand that many hypotheses ranked by the draft's
+        own distribution (`pre_expand`); returns how many."""
         n, G = len(self.ctx), len(self.window.ids)
         if self.kv < n + G:
-            self._feed((self.ctx + self.window.ids)[self.kv:], self.kv)
+            todo = (self.ctx + self.window.ids)[self.kv:]
+            own = budget > 0 and any(j not in self._own for j in range(G + 1))
+            if own and self.kv <= n + G - 1 and 1 < len(todo) <= 64:
+                # logits at every fed window position: the draft's own view of the window
+                start = self.kv
+                logits = self.net(torch.tensor([todo]), self.positions[:, start:n + G], self.cache,
+                                  kv_len=n + G)[0]
+                self.kv = n + G
+                self.cache.set_length(0, self.kv)
+                for t in range(len(todo)):
+                    j = start + t - (n - 1)  # the token at position p ends window position p - (n-1)
+                    if 0 <= j <= G:
+                        self._record(j, logits[t])
+            else:
+                last = self._feed(todo, self.kv)
+                self._record(G, last)
+        return self.pre_expand(gamma, budget, should_stop, batch, skip) if budget > 0 else 0
+
+    def own_signal(self) -> EarlyExitSignal | None:
+        """The draft's own top-k at window positions 0..G as an EarlyExitSignal (step -1), or
+        None when a position's distribution is not known."""
+        G = len(self.window.ids)
+        if any(j not in self._own for j in range(G + 1)):
+            return None
+        k = min(len(self._own[j][0]) for j in range(G + 1))
+        ids = torch.tensor([self._own[j][0][:k] for j in range(G + 1)], dtype=torch.long)
+        logp = torch.tensor([self._own[j][1][:k] for j in range(G + 1)]).clamp_min(1e-30).log()
+        return EarlyExitSignal(-1, ids, logp)
+
+    @torch.inference_mode()
+    def pre_expand(self, gamma: int, budget: int, should_stop=None, batch: int = 8, skip=None) -> int:
+        """Before the signal: expand hypotheses ranked by the draft's own distribution (runner-up
+        tokens at each window position, weighted by the draft's confidence in the tokens before),
+        except those `skip(h)` rejects. They take branch rows 0..; `expand` adds the signal's
+        hypotheses after them and skips these. Stops like `expand` (`should_stop`)."""
+        sig = self.own_signal()
+        if sig is None or gamma < 1:
+            return 0
+        hyps = rank_hypotheses(sig, self.window, self.max_rows)
+        if skip is not None:
+            hyps = [h for h in hyps if not skip(h)]
+        hyps = hyps[:min(budget, self.max_rows)]
+        done = 0
+        for b0 in range(0, len(hyps), batch):
+            if should_stop is not None and should_stop():
+                break
+            group = hyps[b0:b0 + batch]
+            self._expand_rows(group, gamma, row0=b0, should_stop=should_stop)
+            done += len(group)
+        self._pre_rows = done
+        self.stats.branches += done
+        self.stats.pre_branches += done
+        return done
 
     @torch.inference_mode()
     def expand(self, signal: EarlyExitSignal, gamma: int, budget: int, should_stop=None,
@@ -226,15 +298,16 @@ class NetworkDrafter(Drafter):
         that share the committed prefix's KV. Anytime: between batches it stops once
         `should_stop()` is true (the target's verdict arrived), so the draft never delays the
         target."""
-        self._branches = {}
-        hyps = rank_hypotheses(signal, self.window, min(budget, self.max_rows), skip=skip)
         self.prepare()  # usually done already, under the target's prefix
+        pre = self._pre_rows  # rows 0..pre-1: hypotheses expanded before the signal (pre_expand)
+        skip = set(skip) | set(self._branches)
+        hyps = rank_hypotheses(signal, self.window, max(0, min(budget, self.max_rows - pre)), skip=skip)
         done = 0
         for b0 in range(0, len(hyps), batch):
-            if should_stop is not None and done and should_stop():
+            if should_stop is not None and (done or pre) and should_stop():
                 break
             group = hyps[b0:b0 + batch]
-            self._expand_rows(group, gamma, row0=b0, should_stop=should_stop)
+            self._expand_rows(group, gamma, row0=pre + b0, should_stop=should_stop)
             done += len(group)
         self.stats.branches += done
         return done
@@ -250,11 +323,13 @@ class NetworkDrafter(Drafter):
         s_main = int(prefix.max())
         logits = self.net.forward_branch(torch.tensor([[h.token] for h in group]), pos, self.cache, 0,
                                          prefix, self.buf, s_main, row0)
-        toks, probs = [], []
+        toks, probs, tops = [], [], []
         alive = torch.ones(R, dtype=torch.bool)
         lengths = torch.zeros(R, dtype=torch.long)
         forwards = 1
         for i in range(gamma):
+            pt = torch.softmax(logits.float(), -1).topk(min(self.own_k, logits.shape[-1]))
+            tops.append((self.net.to_full(pt.indices), pt.values))  # the new window's position i
             tok, pr, conf = self._choose(logits, self.gen)
             self.stats.computed += R
             if self.confidence:
@@ -271,11 +346,14 @@ class NetworkDrafter(Drafter):
             forwards += 1
         ids = torch.stack(toks, 1).tolist()  # [R, steps]
         P = self.net.full_probs(torch.stack(probs, 1), self.vocab) if probs else None
+        top_ids = torch.stack([t[0] for t in tops], 1).tolist()  # [R, steps, k]
+        top_p = torch.stack([t[1] for t in tops], 1).tolist()
         for r, h in enumerate(group):
             m = int(lengths[r])
             fed = min(m, forwards - 1)  # d'_1..d'_fed were fed back: their KV exists
             w = DraftWindow(ids[r][:m], P[r, :m] if P is not None else None, self.name)
-            self._branches[(h.j, h.token)] = (int(prefix[r]), w, row0 + r, fed)
+            own = {i: (top_ids[r][i], top_p[r][i]) for i in range(min(m + 1, len(tops)))}
+            self._branches[(h.j, h.token)] = (int(prefix[r]), w, row0 + r, fed, own)
 
     def take(self, verdict: Verdict) -> DraftWindow | None:
         hit = self._branches.get((verdict.accepted, verdict.token))
@@ -283,12 +361,15 @@ class NetworkDrafter(Drafter):
         if hit is None:
             self.stats.misses += 1
             return None
-        s, window, row, fed = hit
+        s, window, row, fed, own = hit
         self.stats.hits += 1
+        self.stats.pre_hits += row < self._pre_rows
         Drafter.commit(self, verdict)  # ctx += d_1..d_A, t (t is the branch's v, at position s)
         self.buf.install(row, self.cache, 0, s, 1 + fed)  # v, d'_1..d'_fed
         self.kv = s + 1 + fed
         self.cache.set_length(0, self.kv)
+        self._reset_window_state()
+        self._own = own
         self.window = window
         self.stats.used += len(window.ids)
         return window

@@ -187,6 +187,7 @@ class NgramDrafter(Drafter):
 
     def propose(self, gamma: int) -> DraftWindow:
         self._sync()
+        self._branches = {}
         self.window = self._draft_after(self.ctx[-self._tail_len():], gamma)
         self.stats.used += len(self.window.ids)
         return self.window
@@ -198,16 +199,21 @@ class NgramDrafter(Drafter):
         self._branches = {}
 
     def expand(self, signal: EarlyExitSignal, gamma: int, budget: int, should_stop=None, batch: int = 8) -> int:
-        self._branches = {}
-        self._sync()
-        hyps = rank_hypotheses(signal, self.window, budget)
-        L = self._tail_len()
-        tail = self.ctx[-L:]
+        """Branches for the signal's `budget` most likely hypotheses (kept: any made for this
+        window already, e.g. by `branch` before the signal)."""
+        hyps = [h for h in rank_hypotheses(signal, self.window, budget) if (h.j, h.token) not in self._branches]
         for h in hyps:
-            ctx = (tail + self.window.ids[:h.j] + [h.token])[-L:]
-            self._branches[(h.j, h.token)] = self._draft_after(ctx, gamma)
+            self.branch(h.j, h.token, gamma)
         self.stats.branches += len(hyps)
         return len(hyps)
+
+    def branch(self, j: int, token: int, gamma: int) -> DraftWindow:
+        """The window after hypothesis (j, v): accept d_1..d_j, then the target emits v."""
+        self._sync()
+        L = self._tail_len()
+        ctx = (self.ctx[-L:] + self.window.ids[:j] + [token])[-L:]
+        w = self._branches[(j, token)] = self._draft_after(ctx, gamma)
+        return w
 
     def take(self, verdict: Verdict) -> DraftWindow | None:
         w = self._branches.get((verdict.accepted, verdict.token))

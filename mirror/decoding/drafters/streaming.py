@@ -78,7 +78,7 @@ class StreamingDrafter(NetworkDrafter):
     def propose(self, gamma: int) -> DraftWindow:
         if not self.params.greedy or self.net.streams is None:
             return super().propose(gamma)  # sampling drafts use the plain serial path
-        self._branches = {}
+        self._reset_window_state()  # (the streamed window records no own distribution)
         n = len(self.ctx)
         pending = self.ctx[self.kv:]
         if len(pending) > 1:  # catch up (prompt prefill) without streams

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SpecConfig(_message.Message):
-    __slots__ = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "branch_batch", "confidence", "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers", "ngram_min", "ngram_max", "rule", "ngram_datastore", "rollout_stop")
+    __slots__ = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "branch_batch", "confidence", "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers", "ngram_min", "ngram_max", "rule", "ngram_datastore", "rollout_stop", "pre_budget")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class SpecConfig(_message.Message):
     RULE_FIELD_NUMBER: _ClassVar[int]
     NGRAM_DATASTORE_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_STOP_FIELD_NUMBER: _ClassVar[int]
+    PRE_BUDGET_FIELD_NUMBER: _ClassVar[int]
     method: str
     draft: str
     gamma: int
@@ -48,7 +49,8 @@ class SpecConfig(_message.Message):
     rule: str
     ngram_datastore: str
     rollout_stop: str
-    def __init__(self, method: _Optional[str] = ..., draft: _Optional[str] = ..., gamma: _Optional[int] = ..., kappa: _Optional[int] = ..., exit_layer: _Optional[int] = ..., budget: _Optional[int] = ..., branch_batch: _Optional[int] = ..., confidence: _Optional[float] = ..., draft_layers: _Optional[int] = ..., draft_model: _Optional[str] = ..., adapter: _Optional[str] = ..., exit_head: _Optional[str] = ..., vocab_trim: _Optional[str] = ..., streams: _Optional[int] = ..., stream_layers: _Optional[int] = ..., ngram_min: _Optional[int] = ..., ngram_max: _Optional[int] = ..., rule: _Optional[str] = ..., ngram_datastore: _Optional[str] = ..., rollout_stop: _Optional[str] = ...) -> None: ...
+    pre_budget: int
+    def __init__(self, method: _Optional[str] = ..., draft: _Optional[str] = ..., gamma: _Optional[int] = ..., kappa: _Optional[int] = ..., exit_layer: _Optional[int] = ..., budget: _Optional[int] = ..., branch_batch: _Optional[int] = ..., confidence: _Optional[float] = ..., draft_layers: _Optional[int] = ..., draft_model: _Optional[str] = ..., adapter: _Optional[str] = ..., exit_head: _Optional[str] = ..., vocab_trim: _Optional[str] = ..., streams: _Optional[int] = ..., stream_layers: _Optional[int] = ..., ngram_min: _Optional[int] = ..., ngram_max: _Optional[int] = ..., rule: _Optional[str] = ..., ngram_datastore: _Optional[str] = ..., rollout_stop: _Optional[str] = ..., pre_budget: _Optional[int] = ...) -> None: ...
 
 class DraftSampling(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed", "max_new_tokens")
@@ -155,7 +157,7 @@ class Error(_message.Message):
     def __init__(self, message: _Optional[str] = ...) -> None: ...
 
 class DraftStats(_message.Message):
-    __slots__ = ("computed", "used", "hits", "misses", "branches", "by_source", "expand_s", "overrun_s", "verdict_s", "prepare_s")
+    __slots__ = ("computed", "used", "hits", "misses", "branches", "by_source", "expand_s", "overrun_s", "verdict_s", "prepare_s", "pre_branches", "pre_hits")
     class BySourceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +175,8 @@ class DraftStats(_message.Message):
     OVERRUN_S_FIELD_NUMBER: _ClassVar[int]
     VERDICT_S_FIELD_NUMBER: _ClassVar[int]
     PREPARE_S_FIELD_NUMBER: _ClassVar[int]
+    PRE_BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    PRE_HITS_FIELD_NUMBER: _ClassVar[int]
     computed: int
     used: int
     hits: int
@@ -183,7 +187,9 @@ class DraftStats(_message.Message):
     overrun_s: float
     verdict_s: float
     prepare_s: float
-    def __init__(self, computed: _Optional[int] = ..., used: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., branches: _Optional[int] = ..., by_source: _Optional[_Mapping[str, int]] = ..., expand_s: _Optional[float] = ..., overrun_s: _Optional[float] = ..., verdict_s: _Optional[float] = ..., prepare_s: _Optional[float] = ...) -> None: ...
+    pre_branches: int
+    pre_hits: int
+    def __init__(self, computed: _Optional[int] = ..., used: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., branches: _Optional[int] = ..., by_source: _Optional[_Mapping[str, int]] = ..., expand_s: _Optional[float] = ..., overrun_s: _Optional[float] = ..., verdict_s: _Optional[float] = ..., prepare_s: _Optional[float] = ..., pre_branches: _Optional[int] = ..., pre_hits: _Optional[int] = ...) -> None: ...
 
 class DraftMessage(_message.Message):
     __slots__ = ("window", "ready", "error", "stats")
