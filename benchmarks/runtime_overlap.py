@@ -85,8 +85,10 @@ def summarise(metrics: list[dict]) -> dict:
     """The overlap figures of distributed Mirror-SD requests (their `Metrics.to_dict()`)."""
     tot = {k: 0.0 for k in ("prefix_s", "suffix_s", "signal_s", "window_s", "first_window_s", "decode_s",
                             "expand_s", "overrun_s", "verdict_s", "prepare_s")}
-    steps = hits = misses = tokens = 0
+    steps = hits = misses = tokens = pre_branches = pre_hits = 0
     for m in metrics:
+        pre_branches += m["extra"].get("pre_branches", 0)
+        pre_hits += m["extra"].get("pre_hits", 0)
         for k, v in m["extra"].get("timing", {}).items():
             tot[k] = tot.get(k, 0.0) + v
         for k, v in m["extra"].get("draft_timing", {}).items():
@@ -103,6 +105,9 @@ def summarise(metrics: list[dict]) -> dict:
     return {
         "requests": n, "steps": steps, "tokens": tokens, "tau": (tokens - n) / steps if steps else 0.0,
         "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+        # pre-signal rollouts (pre_budget): share of verdicts whose window came from one
+        "pre_hit_rate": pre_hits / (hits + misses) if hits + misses else 0.0,
+        "pre_branches_per_step": pre_branches / max(steps, 1),
         "per_step_ms": {k: 1e3 * v / max(steps, 1) for k, v in tot.items()},
         "hidden_fraction": (tot["prepare_s"] + tot["expand_s"] - tot["overrun_s"]) / draft_total if draft_total else 0.0,
         "channel_share_of_step": channel / tot["decode_s"] if tot["decode_s"] else 0.0,

@@ -281,3 +281,26 @@ def test_exit_profile_omega_bounds_monotone_and_last_layer(bundled, tmp_path):
     ids, *_ = omega_on_prompt(bundled.model, p, 12, [n // 2], [1], set(tok.eos_ids))
     ref = generate_ar(bundled.model, tok, p, SamplingParams(max_new_tokens=12)).ids
     assert ids[:len(ref)] == ref
+
+
+# --- runtime overlap arithmetic ----------------------------------------------------------------
+def test_overlap_summary_arithmetic():
+    """benchmarks.runtime_overlap.summarise on two hand-made requests: per-step means, the hidden
+    fraction (draft work done under the target's prefix/suffix over all draft work), the channel
+    share, and the pre-signal hit rate."""
+    from benchmarks.runtime_overlap import summarise
+
+    def req(steps, tokens, hits, misses, pre_hits, pre_branches):
+        return {"target_steps": steps, "new_tokens": tokens, "hits": hits, "misses": misses, "decode_s": 1.0,
+                "extra": {"timing": {"prefix_s": 0.5, "suffix_s": 0.3, "signal_s": 0.01, "window_s": 0.05},
+                          "draft_timing": {"expand_s": 0.3, "overrun_s": 0.02, "verdict_s": 0.03, "prepare_s": 0.1},
+                          "pre_branches": pre_branches, "pre_hits": pre_hits}}
+
+    s = summarise([req(10, 21, 6, 3, 2, 40), req(10, 21, 3, 6, 1, 40)])
+    assert s["steps"] == 20 and s["tau"] == pytest.approx(2.0)
+    assert s["hit_rate"] == pytest.approx(0.5) and s["pre_hit_rate"] == pytest.approx(3 / 18)
+    assert s["pre_branches_per_step"] == pytest.approx(4.0)
+    assert s["per_step_ms"]["prefix_s"] == pytest.approx(50.0)
+    assert s["hidden_fraction"] == pytest.approx((0.2 + 0.6 - 0.04) / (0.2 + 0.6 + 0.06))
+    exposed = 0.04 + 0.06
+    assert s["channel_share_of_step"] == pytest.approx((0.1 - exposed + 0.02) / 2.0)
