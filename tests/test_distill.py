@@ -79,3 +79,23 @@ def test_draft_model_is_lossless_and_replay_counts_its_steps(distilled, truncate
         steps, toks = replay(ReplayNet(pr, len(p)), p, r.ids, 3)
         assert toks == len(r.ids) - 1
         assert steps == r.metrics.target_steps
+
+
+def test_training_precision_follows_the_cpus_bf16_support(tmp_path, monkeypatch):
+    """--precision auto trains in bf16 only where the CPU has native bf16 (AVX512-BF16 / AMX)."""
+    import argparse
+
+    import mirror.training.distill as distill
+    from mirror.cli import _train_bf16
+    from mirror.training.distill import cpu_has_fast_bf16
+
+    amx, avx2 = tmp_path / "amx", tmp_path / "avx2"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert cpu_has_fast_bf16(str(amx)) and not cpu_has_fast_bf16(str(avx2))
+    assert not cpu_has_fast_bf16(str(tmp_path / "missing"))
+    for native in (True, False):
+        monkeypatch.setattr(distill, "cpu_has_fast_bf16", lambda native=native: native)
+        assert _train_bf16(argparse.Namespace(fp32=False, precision="auto")) is native
+        assert _train_bf16(argparse.Namespace(fp32=False, precision="bf16")) is True
+        assert _train_bf16(argparse.Namespace(fp32=True, precision="auto")) is False

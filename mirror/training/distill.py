@@ -102,6 +102,18 @@ def _batches(examples, batch_tokens: int) -> list[list[int]]:
     return out
 
 
+def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16). Elsewhere bf16
+    autocast is emulated: measured 60 s per distill-draft step on an AVX2-only AMD EPYC core
+    pair against 1.8 s in fp32, so training falls back to fp32 there."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def distill_draft(target: Transformer, tok, data: str, out: str, *, answers_dir: str | None = None,
                   prompts: int = 3000, layers: int = 4, epochs: int = 2, lr: float = 1e-3,
                   batch_tokens: int = 2048, context: int = 128, vocab_trim: str = "bundled",
