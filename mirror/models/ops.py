@@ -11,15 +11,40 @@ matmuls get the same treatment in the model (a single query is padded to two), a
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 _HAS_ONEDNN_LINEAR = (
     torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 )
+# oneDNN packs bf16 weights only on CPUs with native bf16 conversions (AVX512-BW/VL/DQ or
+# AVX-NE-CONVERT); elsewhere (e.g. an AVX2-only EPYC) bf16 runs unpacked. None = not tried yet.
+_BF16_PACKS: bool | None = None
+
+
+def _reorder(w: torch.Tensor) -> torch.Tensor | None:
+    global _BF16_PACKS
+    if w.dtype == torch.bfloat16:
+        if _BF16_PACKS is False:
+            return None
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
+        except RuntimeError as e:
+            _BF16_PACKS = False
+            log.warning("bf16 weights cannot be pre-packed for oneDNN on this CPU (%s): bf16 runs "
+                        "unpacked, without the batch-invariance guarantee - use fp32 for bit-exact "
+                        "speculative output", str(e).splitlines()[0])
+            return None
+        _BF16_PACKS = True
+        return packed
+    return torch.ops.mkldnn._reorder_linear_weight(w, 2)
 
 
 class Linear(nn.Module):
@@ -37,7 +62,7 @@ class Linear(nn.Module):
         """Pre-pack the weight for oneDNN (CPU only). Call again after changing the weight."""
         w = self.weight.detach()
         if _HAS_ONEDNN_LINEAR and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
+            self._packed = _reorder(w)
         else:
             self._packed = None
 
