@@ -100,10 +100,12 @@ def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams,
             from .drafters.streaming import StreamingDrafter
 
             network = StreamingDrafter(net, params, target.cfg.vocab_size, max_len, spec.confidence,
-                                       max_rows=spec.budget + spec.pre_budget, gamma_max=spec.gamma)
+                                       max_rows=spec.budget + spec.pre_budget, gamma_max=spec.gamma,
+                                       own_k=spec.kappa if spec.pre_budget else 0)
         else:
             network = NetworkDrafter(net, params, target.cfg.vocab_size, max_len, spec.confidence,
-                                     max_rows=spec.budget + spec.pre_budget, gamma_max=spec.gamma)
+                                     max_rows=spec.budget + spec.pre_budget, gamma_max=spec.gamma,
+                                     own_k=spec.kappa if spec.pre_budget else 0)
             network.name = net_kind
     if ngram is not None and network is not None:
         return CombinedDrafter(params, ngram, network)

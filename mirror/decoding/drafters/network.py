@@ -135,7 +135,7 @@ class NetworkDrafter(Drafter):
     name = "network"
 
     def __init__(self, net: DraftNet, params: SamplingParams, vocab: int, max_len: int,
-                 confidence: float = 0.0, max_rows: int = 16, gamma_max: int = 16):
+                 confidence: float = 0.0, max_rows: int = 16, gamma_max: int = 16, own_k: int = 8):
         super().__init__(params)
         self.net, self.vocab = net, vocab
         self.confidence = confidence
@@ -148,8 +148,9 @@ class NetworkDrafter(Drafter):
         self._branches: dict = {}
         # Pre-signal rollouts (SpecConfig.pre_budget): the draft's own top-k at window positions
         # 0..G (position j: what follows root, d_1..d_j), recorded where the logits are computed
-        # anyway; `_pre_rows` branch rows are taken by hypotheses expanded before the signal.
-        self.own_k = 8
+        # anyway (own_k = 0: not recorded, no pre-signal rollouts - the factory's choice when
+        # pre_budget is 0); `_pre_rows` branch rows are taken by hypotheses expanded before the signal.
+        self.own_k = own_k
         self._own: dict[int, tuple[list[int], list[float]]] = {}
         self._pre_rows = 0
 
@@ -167,6 +168,8 @@ class NetworkDrafter(Drafter):
 
     def _record(self, j: int, logits: torch.Tensor) -> None:
         """The draft's top-k at window position j from [1, V'] (or [V']) logits."""
+        if not self.own_k:
+            return
         p = torch.softmax(logits.float().reshape(-1), -1)
         v, i = p.topk(min(self.own_k, p.shape[-1]))
         self._own[j] = (self.net.to_full(i).tolist(), v.tolist())
@@ -261,9 +264,8 @@ class NetworkDrafter(Drafter):
         G = len(self.window.ids)
         if any(j not in self._own for j in range(G + 1)):
             return None
-        k = min(len(self._own[j][0]) for j in range(G + 1))
-        ids = torch.tensor([self._own[j][0][:k] for j in range(G + 1)], dtype=torch.long)
-        logp = torch.tensor([self._own[j][1][:k] for j in range(G + 1)]).clamp_min(1e-30).log()
+        ids = torch.tensor([self._own[j][0] for j in range(G + 1)], dtype=torch.long)
+        logp = torch.tensor([self._own[j][1] for j in range(G + 1)]).clamp_min(1e-30).log()
         return EarlyExitSignal(-1, ids, logp)
 
     @torch.inference_mode()
@@ -278,14 +280,8 @@ class NetworkDrafter(Drafter):
         hyps = rank_hypotheses(sig, self.window, self.max_rows)
         if skip is not None:
             hyps = [h for h in hyps if not skip(h)]
-        hyps = hyps[:min(budget, self.max_rows)]
-        done = 0
-        for b0 in range(0, len(hyps), batch):
-            if should_stop is not None and should_stop():
-                break
-            group = hyps[b0:b0 + batch]
-            self._expand_rows(group, gamma, row0=b0, should_stop=should_stop)
-            done += len(group)
+        done = self._expand_batches(hyps[:min(budget, self.max_rows)], gamma, 0, batch, should_stop,
+                                    first_always=False)
         self._pre_rows = done
         self.stats.branches += done
         self.stats.pre_branches += done
@@ -302,14 +298,20 @@ class NetworkDrafter(Drafter):
         pre = self._pre_rows  # rows 0..pre-1: hypotheses expanded before the signal (pre_expand)
         skip = set(skip) | set(self._branches)
         hyps = rank_hypotheses(signal, self.window, max(0, min(budget, self.max_rows - pre)), skip=skip)
+        done = self._expand_batches(hyps, gamma, pre, batch, should_stop, first_always=not pre)
+        self.stats.branches += done
+        return done
+
+    def _expand_batches(self, hyps, gamma: int, row0: int, batch: int, should_stop, first_always: bool) -> int:
+        """Roll out `hyps` in batches of rows row0..; between batches stop once `should_stop()`
+        (the first batch always runs when `first_always`: a verdict never finds nothing expanded)."""
         done = 0
         for b0 in range(0, len(hyps), batch):
-            if should_stop is not None and (done or pre) and should_stop():
+            if should_stop is not None and (done or not first_always) and should_stop():
                 break
             group = hyps[b0:b0 + batch]
-            self._expand_rows(group, gamma, row0=pre + b0, should_stop=should_stop)
+            self._expand_rows(group, gamma, row0=row0 + b0, should_stop=should_stop)
             done += len(group)
-        self.stats.branches += done
         return done
 
     def _expand_rows(self, group, gamma: int, row0: int, should_stop=None) -> None:
@@ -328,8 +330,9 @@ class NetworkDrafter(Drafter):
         lengths = torch.zeros(R, dtype=torch.long)
         forwards = 1
         for i in range(gamma):
-            pt = torch.softmax(logits.float(), -1).topk(min(self.own_k, logits.shape[-1]))
-            tops.append((self.net.to_full(pt.indices), pt.values))  # the new window's position i
+            if self.own_k:
+                pt = torch.softmax(logits.float(), -1).topk(min(self.own_k, logits.shape[-1]))
+                tops.append((self.net.to_full(pt.indices), pt.values))  # the new window's position i
             tok, pr, conf = self._choose(logits, self.gen)
             self.stats.computed += R
             if self.confidence:
@@ -346,8 +349,9 @@ class NetworkDrafter(Drafter):
             forwards += 1
         ids = torch.stack(toks, 1).tolist()  # [R, steps]
         P = self.net.full_probs(torch.stack(probs, 1), self.vocab) if probs else None
-        top_ids = torch.stack([t[0] for t in tops], 1).tolist()  # [R, steps, k]
-        top_p = torch.stack([t[1] for t in tops], 1).tolist()
+        if tops:
+            top_ids = torch.stack([t[0] for t in tops], 1).tolist()  # [R, steps, k]
+            top_p = torch.stack([t[1] for t in tops], 1).tolist()
         for r, h in enumerate(group):
             m = int(lengths[r])
             fed = min(m, forwards - 1)  # d'_1..d'_fed were fed back: their KV exists
