@@ -387,6 +387,8 @@ def add_args(p) -> None:
                    help="also run Hugging Face transformers on the same weights (needs .[peers])")
     p.add_argument("--peer-draft-layers", type=int, default=4,
                    help="assisted generation's draft: the target's first k layers")
+    p.add_argument("--peer-modes", nargs="+", default=None, metavar="MODE",
+                   help="which peers to run: plain pld assisted (default: all that fit)")
     p.add_argument("--peer-draft-model", default=None, metavar="DIR",
                    help="assisted generation's draft: this Hugging Face folder instead (e.g. mirror distill-draft's model/)")
     p.add_argument("--trace-one", default=None, metavar="PATH",
@@ -435,7 +437,10 @@ def cmd_bench(args) -> int:
         from .peers import PeersUnavailable, peer_methods
 
         try:
-            methods += peer_methods(lm, draft_layers=args.peer_draft_layers, draft_model=args.peer_draft_model)
+            methods += peer_methods(lm, draft_layers=args.peer_draft_layers, draft_model=args.peer_draft_model,
+                                    modes=args.peer_modes)
+        except ValueError as e:
+            _die(str(e))
         except PeersUnavailable as e:
             print(f"mirror bench: --peers skipped: {e}", file=sys.stderr)
     import torch

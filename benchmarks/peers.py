@@ -115,10 +115,19 @@ class PeerEngine:
         return self.peers.generate(self.mode, prompt_ids, params, self.name)
 
 
-def peer_methods(lm, draft_layers: int = 4, pld_tokens: int = 10, draft_model: str | None = None) -> list:
-    """Bench methods hf:plain, hf:pld and (when a draft fits) hf:assisted."""
+PEER_MODES = ("plain", "pld", "assisted")
+
+
+def peer_methods(lm, draft_layers: int = 4, pld_tokens: int = 10, draft_model: str | None = None,
+                 modes=None) -> list:
+    """Bench methods hf:plain, hf:pld and (when a draft fits) hf:assisted; `modes` picks some."""
     from .bench import Method
 
-    peers = HFPeers(lm, draft_layers=draft_layers, pld_tokens=pld_tokens, draft_model=draft_model)
-    modes = ["plain", "pld"] + (["assisted"] if peers.draft is not None else [])
+    want = list(dict.fromkeys(modes or PEER_MODES))
+    bad = [m for m in want if m not in PEER_MODES]
+    if bad:
+        raise ValueError(f"unknown peer mode(s) {bad}; choose from {list(PEER_MODES)}")
+    peers = HFPeers(lm, draft_layers=draft_layers if "assisted" in want else 0, pld_tokens=pld_tokens,
+                    draft_model=draft_model if "assisted" in want else None)
+    modes = [m for m in want if m != "assisted" or peers.draft is not None]
     return [Method(f"hf:{m}", None, PeerEngine(peers, m, f"hf:{m}"), peer=True) for m in modes]

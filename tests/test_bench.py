@@ -304,3 +304,22 @@ def test_overlap_summary_arithmetic():
     assert s["hidden_fraction"] == pytest.approx((0.2 + 0.6 - 0.04) / (0.2 + 0.6 + 0.06))
     exposed = 0.04 + 0.06
     assert s["channel_share_of_step"] == pytest.approx((0.1 - exposed + 0.02) / 2.0)
+
+
+def test_peer_modes_pick_some_and_refuse_unknown(bundled, tmp_path, capsys):
+    """--peer-modes runs only the named peers (no assisted draft is built when it is not asked
+    for); an unknown mode is a CLI error, not a traceback."""
+    pytest.importorskip("transformers", reason="peers need the optional extra: pip install 'mirror-sd[peers]'")
+    from benchmarks.peers import peer_methods
+
+    peers = peer_methods(bundled, modes=["pld", "plain"])
+    assert [m.label for m in peers] == ["hf:pld", "hf:plain"]
+    assert peers[0].engine.peers.draft is None
+    with pytest.raises(ValueError, match="unknown peer mode"):
+        peer_methods(bundled, modes=["medusa"])
+    qfile = write_questions(tmp_path / "q.jsonl", QUESTIONS[:1])
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--questions", qfile, "--peers", "--peer-modes", "medusa", "--out", str(tmp_path / "o"),
+              "--max-new-tokens", "2"])
+    assert e.value.code != 0
+    assert "unknown peer mode" in capsys.readouterr().err
