@@ -339,7 +339,7 @@ def plot_speedups(summary: dict, labels: list[str], path: str, title: str = "") 
 
     cats = list(summary)
     shown = [lb for lb in labels if lb != BASELINE]
-    fig, ax = plt.subplots(figsize=(min(14.0, 2 + len(cats) * (0.6 + 0.35 * len(shown))), 4))
+    fig, ax = plt.subplots(figsize=(min(14.0, 2 + len(cats) * (0.6 + 0.35 * len(shown))), 4 + 0.25 * len(shown)))
     width = 0.8 / max(1, len(shown))
     for i, lb in enumerate(shown):
         xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(cats))]
@@ -352,8 +352,10 @@ def plot_speedups(summary: dict, labels: list[str], path: str, title: str = "") 
     ax.set_xticklabels(cats, rotation=20)
     ax.set_ylabel("speedup over plain decoding")
     ax.set_title(title or "Spec-Bench speedup by category")
-    if shown:
-        ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.12 * max([summary[c][lb]["speedup"] or 0.0 for c in cats for lb in shown] + [1.0]))
+    if shown:  # below the axes: long method labels must not cover the bars' figures
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1 if len(shown) > 3 else len(shown),
+                  frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
