@@ -423,6 +423,10 @@ def cmd_bench(args) -> int:
         questions = select(load_questions(qpath), args.per_category)
         base = base_spec(args)
         labels = list(dict.fromkeys([BASELINE] + list(args.methods)))
+        if args.peers:  # before the model loads: a typo in --peer-modes fails at once
+            from .peers import check_modes
+
+            check_modes(args.peer_modes)
         parsed = [parse_method(m, base) for m in labels]
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 seed=args.seed if args.temperature > 0 else None)
@@ -441,8 +445,6 @@ def cmd_bench(args) -> int:
         try:
             methods += peer_methods(lm, draft_layers=args.peer_draft_layers, draft_model=args.peer_draft_model,
                                     modes=args.peer_modes)
-        except ValueError as e:
-            _die(str(e))
         except PeersUnavailable as e:
             print(f"mirror bench: --peers skipped: {e}", file=sys.stderr)
     import torch

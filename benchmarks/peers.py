@@ -118,15 +118,21 @@ class PeerEngine:
 PEER_MODES = ("plain", "pld", "assisted")
 
 
+def check_modes(modes) -> list[str]:
+    """The peer modes asked for (all when none), in order; ValueError names an unknown one."""
+    want = list(dict.fromkeys(modes or PEER_MODES))
+    bad = [m for m in want if m not in PEER_MODES]
+    if bad:
+        raise ValueError(f"unknown peer mode(s) {bad}; choose from {list(PEER_MODES)}")
+    return want
+
+
 def peer_methods(lm, draft_layers: int = 4, pld_tokens: int = 10, draft_model: str | None = None,
                  modes=None) -> list:
     """Bench methods hf:plain, hf:pld and (when a draft fits) hf:assisted; `modes` picks some."""
     from .bench import Method
 
-    want = list(dict.fromkeys(modes or PEER_MODES))
-    bad = [m for m in want if m not in PEER_MODES]
-    if bad:
-        raise ValueError(f"unknown peer mode(s) {bad}; choose from {list(PEER_MODES)}")
+    want = check_modes(modes)
     peers = HFPeers(lm, draft_layers=draft_layers if "assisted" in want else 0, pld_tokens=pld_tokens,
                     draft_model=draft_model if "assisted" in want else None)
     modes = [m for m in want if m != "assisted" or peers.draft is not None]
