@@ -25,28 +25,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mirror.decoding.drafters.ngram import NgramDrafter, NgramModel, load_datastore
+from mirror.decoding.drafters.window_stop import load_window_stop
 from mirror.decoding.messages import DraftWindow, Verdict
 from mirror.sampling import SamplingParams
-
-
-def replay(drafter: NgramDrafter, prompt: list[int], answer: list[int], gamma: int) -> tuple[int, int]:
-    """(steps, tokens) of vanilla SD with this drafter on one greedy answer."""
-    if not answer:
-        return 0, 0
-    drafter.start(prompt + answer[:1])  # prefill emits the first token
-    pos, steps = 1, 0
-    while pos < len(answer):
-        w = drafter.propose(gamma)
-        a = 0
-        while a < len(w.ids) and pos + a < len(answer) and w.ids[a] == answer[pos + a]:
-            a += 1
-        if pos + a >= len(answer):  # the answer ended inside the window
-            pos, steps = len(answer), steps + 1
-            break
-        drafter.commit(Verdict(steps, a, answer[pos + a]))
-        pos += a + 1
-        steps += 1
-    return steps, len(answer) - 1
+from mirror.training.replay import load_answers, replay  # noqa: F401  (re-exported for tests)
 
 
 class ReplayNet:
@@ -103,25 +85,23 @@ def network_predictions(draft_model: str, pairs) -> tuple[list[list[int]], float
     return preds, agree / max(total, 1)
 
 
-def load_answers(folder: str, tokenizer, data: str | None = None) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids) pairs from a build-datastore folder."""
-    from mirror.training.corpus import encode_prompts, load_prompts
-
-    lines = [json.loads(x) for x in (Path(folder) / "answers.jsonl").read_text().splitlines() if x.strip()]
-    s = lines[0]["settings"]
-    data = data or str(Path(__file__).resolve().parents[2] / "shared" / "data" / s["data"])
-    texts = load_prompts(data, s["skip"] + len(lines) - 1, s["seed"])[s["skip"]:]
-    answers = lines[1:]
-    prompts = encode_prompts(tokenizer, [texts[r["i"]] for r in answers], s["max_prompt_tokens"])
-    return [(p, r["ids"]) for p, r in zip(prompts, answers)]
-
-
-def simulate(pairs, make_drafter, gamma: int) -> dict:
+def simulate(pairs, make_drafter, gamma: int, step_cost=None) -> dict:
+    """tau over the answers; with `step_cost(T)` (a WindowStop's cost curve: target step time for
+    T window tokens relative to one), also the predicted speedup over plain decoding,
+    tokens / sum of step costs - the prefill and draft time left out."""
     steps = toks = 0
+    cost = [0.0]
+
+    def observe(w, answer, pos, a):
+        cost[0] += step_cost(len(w.ids) + 1)
+
     for prompt, answer in pairs:
-        s, t = replay(make_drafter(), prompt, answer, gamma)
+        s, t = replay(make_drafter(), prompt, answer, gamma, observe if step_cost else None)
         steps, toks = steps + s, toks + t
-    return {"tau": toks / max(steps, 1), "steps": steps, "tokens": toks}
+    r = {"tau": toks / max(steps, 1), "steps": steps, "tokens": toks}
+    if step_cost:
+        r["predicted_speedup"] = toks / max(cost[0], 1e-9)
+    return r
 
 
 def plot_scaling(rows: list[dict], path) -> None:
@@ -172,6 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-model", default=None, metavar="DIR",
                     help="also replay this draft model (`mirror distill-draft`) alone and as ngram+model")
     ap.add_argument("--gamma", type=int, default=5)
+    ap.add_argument("--window-stop", nargs="*", default=[], metavar="FILE",
+                    help="also replay with these window stops (mirror calibrate-stop; 'bundled'); rows then "
+                         "carry a predicted speedup priced by the first one's step-cost curve")
     ap.add_argument("--ngram-min", type=int, default=2)
     ap.add_argument("--ngram-max", type=int, default=4)
     args = ap.parse_args(argv)
@@ -212,14 +195,19 @@ def main(argv=None) -> int:
                 rows.append({"draft": "ngram+model", **info, "mode": mode, "gamma": args.gamma,
                              "answers": len(pairs), **r})
                 tqdm.write(json.dumps(rows[-1]))
+    stops = [(None, None)] + [(f, load_window_stop(f)) for f in args.window_stop]
+    costs = stops[1][1].step_cost if len(stops) > 1 else None  # every row priced by the first stop's curve
     for info, store in tqdm(stores, desc="datastores", unit="store", disable=len(stores) < 3):
         for mode in args.modes:
-            r = simulate(pairs, lambda: NgramDrafter(params, args.ngram_min, args.ngram_max, datastore=store,
-                                                     mode=mode), args.gamma)
-            row = {**info, "entries": len(store) if store else 0, "mode": mode, "gamma": args.gamma,
-                   "answers": len(pairs), **r}
-            rows.append(row)
-            tqdm.write(json.dumps(row))
+            for stop_name, stop in stops:
+                if stop is not None and mode == "mixed":
+                    continue
+                r = simulate(pairs, lambda: NgramDrafter(params, args.ngram_min, args.ngram_max, datastore=store,
+                                                         mode=mode, stop=stop), args.gamma, costs)
+                row = {**info, "entries": len(store) if store else 0, "mode": mode, "gamma": args.gamma,
+                       "window_stop": stop_name, "answers": len(pairs), **r}
+                rows.append(row)
+                tqdm.write(json.dumps(row))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,8 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stream-layers", type=int, default=S)
     g.add_argument("--rule", default=S, choices=RULES, help="acceptance rule at temperature > 0")
     g.add_argument("--ngram-datastore", default=S, help="n-gram datastore of the target's text (train-draft); 'bundled': shipped for the default model")
+    g.add_argument("--window-stop", default=S, help="cut n-gram windows where more tokens cost more than they "
+                   "return (mirror calibrate-stop); 'bundled': shipped for the default model")
     g.add_argument("--exit-trim", default=S, help="VocabTrim set for the early-exit head; 'bundled' as for --vocab-trim")
     g.add_argument("--rollout-stop", default=S, choices=ROLLOUT_STOPS,
                    help="distributed Mirror-SD: end branch rollouts at the verdict, or also before a draft "
@@ -84,7 +86,7 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
 _SPEC_FLAGS = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "branch_batch", "confidence",
                "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers",
                "rule", "draft_backend", "onnx_dir", "onnx_providers", "onnx_strict", "onnx_threads", "onnx_max_len",
-               "ngram_datastore", "exit_trim", "rollout_stop", "pre_budget")
+               "ngram_datastore", "exit_trim", "rollout_stop", "pre_budget", "window_stop")
 
 
 def spec_from_args(args, base=None):
@@ -368,6 +370,60 @@ def cmd_build_datastore(args) -> int:
     return 0
 
 
+def cmd_calibrate_stop(args) -> int:
+    import torch
+
+    from .decoding.drafters.ngram import load_datastore
+    from .training.replay import answer_settings, load_answers
+    from .training.window_stop import acceptance_counts, measure_cost
+    from .decoding.drafters.window_stop import WindowStop
+
+    _require_positive(args, "gamma", "reps")
+    if args.gamma > 16:
+        _die("--gamma must be <= 16")
+    try:
+        settings = answer_settings(args.answers)
+    except (OSError, ValueError, KeyError) as e:
+        _die(f"--answers {args.answers}: not a `mirror build-datastore` folder ({e})")
+    store = None
+    if args.datastore != "none":
+        try:
+            store = load_datastore(args.datastore)
+        except (OSError, ValueError) as e:
+            _die(f"--datastore {args.datastore}: {e}")
+        m = store.meta
+        if (m.get("source") == settings.get("data") and m.get("seed") == settings.get("seed")
+                and settings.get("skip", 0) < m.get("prompts", 0) + m.get("skip", 0)):
+            _die(f"--answers {args.answers} starts at prompt {settings.get('skip', 0)}, inside the "
+                 f"{m.get('prompts')} prompts the datastore was built from: calibrate on held-out prompts "
+                 f"(build-datastore --skip {m.get('prompts', 0) + m.get('skip', 0)} or more)")
+    cost = None
+    if args.cost:
+        try:
+            cost = [float(x) for x in args.cost.split(",")]
+            WindowStop({}, cost)
+        except ValueError as e:
+            _die(f"--cost: {e}")
+    from .models.loader import load_tokenizer
+
+    tok, _ = load_tokenizer(args.model)
+    try:
+        pairs = load_answers(args.answers, tok, args.data)
+    except (OSError, ValueError) as e:
+        _die(str(e))
+    counts, rep = acceptance_counts(pairs, store, args.gamma, args.ngram_min, args.ngram_max)
+    if cost is None:
+        cost = measure_cost(load_from_args(args).model, args.gamma + 1, reps=args.reps)
+    stop = WindowStop.fit(counts, cost, {"answers_dir": args.answers, "answers": len(pairs),
+                                         "answer_settings": settings, "datastore": args.datastore,
+                                         "gamma": args.gamma, "replay": rep, "threads": torch.get_num_threads(),
+                                         "cost_measured": not args.cost})
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    stop.save(args.out)
+    print(json.dumps({"out": args.out, "keys": len(stop.accept), "cost": stop.cost, **rep}))
+    return 0
+
+
 def _train_bf16(args) -> bool:
     """--precision auto: bf16 autocast where the CPU has native bf16, fp32 elsewhere."""
     from .training.distill import cpu_has_fast_bf16
@@ -623,6 +679,21 @@ def main(argv=None) -> int:
     d.add_argument("--min-count", type=int, default=2, help="keep an n-gram seen at least this often")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_build_datastore)
+    d = sub.add_parser("calibrate-stop", help="the n-gram window stop: acceptance by token kind (replay of held-out "
+                       "training answers) and the target's step cost by window length (timed here)")
+    d.add_argument("--answers", required=True, metavar="DIR",
+                   help="a `mirror build-datastore --skip N` folder of answers to prompts the datastore never saw")
+    d.add_argument("--data", default=None, help="the training prompts file those answers came from")
+    d.add_argument("--datastore", default="bundled", help="the datastore the stop is for ('none': context only)")
+    d.add_argument("--out", default="artifacts/window_stop.json")
+    add_model_args(d)
+    d.add_argument("--gamma", type=int, default=8, help="longest window calibrated")
+    d.add_argument("--ngram-min", type=int, default=2)
+    d.add_argument("--ngram-max", type=int, default=4)
+    d.add_argument("--cost", default=None, metavar="C1,C2,...",
+                   help="step costs for windows of 1, 2, ... tokens instead of timing the target here")
+    d.add_argument("--reps", type=int, default=40, help="timing rounds")
+    d.set_defaults(func=cmd_calibrate_stop)
     d = sub.add_parser("distill-draft", help="a separate small draft model distilled from the target's answers")
     d.add_argument("--data", default=None, help="training prompts JSONL (default ../shared/data/train_prompts.jsonl)")
     d.add_argument("--out", default="artifacts/small-draft", help="output folder (checkpointed; resumes)")

@@ -31,6 +31,9 @@ class SpecConfig:
     ngram_min: int = 2
     ngram_max: int = 4
     ngram_datastore: str | None = None  # n-gram model of the target's own text (mirror train-draft)
+    # n-gram windows cut where one more token is expected to return less than it costs the
+    # target to verify (mirror calibrate-stop; drafters/window_stop.py); None = always gamma
+    window_stop: str | None = None
     rule: str = "auto"  # acceptance at T > 0 ("auto" = stochastic); greedy when temperature == 0
     # Mirror-SD with the draft behind the channel: a branch rollout stops when the verdict
     # arrives ("verdict"), or also before a draft step predicted to end after the verdict's

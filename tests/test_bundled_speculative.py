@@ -59,6 +59,7 @@ DRAFT_SPECS = {
     "self": dict(draft="self", draft_layers=2),
     "model": dict(draft="model"),
     "ngram": dict(draft="ngram", ngram_datastore="bundled"),
+    "ngram+stop": dict(draft="ngram", ngram_datastore="bundled", window_stop="bundled"),
     "streaming": dict(draft="streaming", draft_layers=2, streams=2),
     "ngram+self": dict(draft="ngram+self", draft_layers=2, confidence=0.2),
 }
@@ -71,17 +72,21 @@ def test_bundled_greedy_speculative_equals_plain(bundled, prompts, reference, sm
     kw = dict(DRAFT_SPECS[kind])
     if kind == "model":
         kw["draft_model"] = small_draft_dir
-    if kind != "ngram":
+    ngram = kind.startswith("ngram") and "self" not in kind
+    if not ngram:
         kw["vocab_trim"] = trim_file
     elif method == "mirror":
         kw.update(exit_head="bundled", exit_trim="bundled")
-    if kind == "ngram":  # the default deployment's settings
-        spec = SpecConfig(method=method, gamma=5, kappa=8, budget=16, **kw)
+    if ngram:  # the default deployment's settings
+        spec = SpecConfig(method=method, gamma=5, kappa=8, budget=48, **kw)
     else:  # untrained networks: nearly every step is a correction, so keep the windows short
         spec = SpecConfig(method=method, gamma=2, kappa=2, budget=1, branch_batch=1, **kw)
-    steps = 0
+    steps = drafted = 0
     for p, ref in zip(prompts, reference):
         res = generate(bundled.model, bundled.tokenizer, p, PARAMS, spec)
         assert res.ids == ref
         steps += res.metrics.target_steps
-    assert steps < len(prompts) * (PARAMS.max_new_tokens - 1) or kind != "ngram"  # drafting happened at all
+        drafted += res.metrics.drafted_tokens
+    assert steps < len(prompts) * (PARAMS.max_new_tokens - 1) or not ngram  # drafting happened at all
+    if kind == "ngram+stop":  # the stop cut windows short of gamma, and not to nothing
+        assert 1 <= drafted / steps < 0.8 * spec.gamma

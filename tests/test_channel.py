@@ -275,6 +275,8 @@ def test_messages_survive_the_wire():
     spec = SpecConfig(method="sd", draft="model", draft_model="/m", confidence=0.3, gamma=7, exit_layer=12,
                       rollout_stop="verdict")
     assert spec_from_proto(spec_to_proto(spec)) == spec
+    stop = SpecConfig(method="mirror", draft="ngram", ngram_datastore="bundled", window_stop="/w.json")
+    assert spec_from_proto(spec_to_proto(stop)).window_stop == "/w.json"
     assert spec_from_proto(spec_to_proto(SPEC)) == SPEC
     params = SamplingParams(max_new_tokens=9, temperature=0.7, top_k=5, top_p=0.9, seed=3)
     back = sampling_from_proto(sampling_to_proto(params))

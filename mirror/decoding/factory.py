@@ -91,7 +91,12 @@ def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams,
         from .drafters.ngram import load_datastore
 
         store = load_datastore(spec.ngram_datastore) if spec.ngram_datastore else None
-        ngram = NgramDrafter(params, spec.ngram_min, spec.ngram_max, datastore=store)
+        stop = None
+        if spec.window_stop:
+            from .drafters.window_stop import load_window_stop
+
+            stop = load_window_stop(spec.window_stop)
+        ngram = NgramDrafter(params, spec.ngram_min, spec.ngram_max, datastore=store, stop=stop)
     net_kind = next((k for k in kinds if k != "ngram"), None)
     network = None
     if net_kind is not None:

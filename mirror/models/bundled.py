@@ -35,6 +35,7 @@ BUNDLED_ARTIFACTS = {  # calibrated for the bundled model by `mirror train-draft
     "datastore": DATA / "smollm2-135m-instruct.datastore.json",
     "exit_head": DATA / "smollm2-135m-instruct.exit_head.safetensors",
     "vocab_trim": DATA / "smollm2-135m-instruct.vocab_trim.json",
+    "window_stop": DATA / "smollm2-135m-instruct.window_stop.json",
 }
 
 

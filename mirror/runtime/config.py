@@ -96,7 +96,7 @@ class ServerConfig:
     max_concurrent_requests: int = 4
 
 
-BUNDLED_ARTIFACT_FIELDS = ("ngram_datastore", "exit_head", "exit_trim", "vocab_trim")
+BUNDLED_ARTIFACT_FIELDS = ("ngram_datastore", "exit_head", "exit_trim", "vocab_trim", "window_stop")
 
 
 @dataclass(slots=True)

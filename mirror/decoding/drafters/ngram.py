@@ -19,6 +19,7 @@ from pathlib import Path
 from ...sampling import SamplingParams
 from ..messages import DraftWindow, EarlyExitSignal, Verdict
 from .base import Drafter, rank_hypotheses
+from .window_stop import WindowStop, context_key, datastore_key
 
 
 class NgramIndex:
@@ -45,14 +46,18 @@ class NgramIndex:
                 return self.tokens[at], n
         return None, 0
 
-    def lookup(self, ctx_tail: list[int], gamma: int, extra: list[int] = ()) -> list[int]:
-        """Continuation of the longest matching suffix of (tokens + extra)."""
+    def lookup(self, ctx_tail: list[int], gamma: int) -> list[int]:
+        """Continuation of the longest matching suffix of ctx_tail."""
+        return self.match(ctx_tail, gamma)[0]
+
+    def match(self, ctx_tail: list[int], gamma: int) -> tuple[list[int], int]:
+        """(continuation of the longest matching suffix of ctx_tail, that suffix's length)."""
         seq = ctx_tail
         for n in range(min(self.n_max, len(seq)), self.n_min - 1, -1):
             at = self.table.get(tuple(seq[-n:]))
             if at is not None:
-                return self.tokens[at:at + gamma]
-        return []
+                return self.tokens[at:at + gamma], n
+        return [], 0
 
 
 class NgramModel:
@@ -92,15 +97,21 @@ class NgramModel:
         return None, 0
 
     def draft(self, tail: list[int], gamma: int) -> list[int]:
+        return self.draft_n(tail, gamma)[0]
+
+    def draft_n(self, tail: list[int], gamma: int) -> tuple[list[int], list[int]]:
+        """Up to gamma tokens after tail, and for each the length of the suffix it was known by."""
         seq = list(tail[-self.n_max:])
         out: list[int] = []
+        ns: list[int] = []
         for _ in range(gamma):
-            nxt, _ = self.next_token(seq)
+            nxt, n = self.next_token(seq)
             if nxt is None:
                 break
             out.append(nxt)
+            ns.append(n)
             seq = (seq + [nxt])[-self.n_max:]
-        return out
+        return out, ns
 
     def save(self, path: str) -> None:
         Path(path).write_text(json.dumps({"n_min": self.n_min, "n_max": self.n_max, "meta": self.meta,
@@ -132,11 +143,18 @@ class NgramDrafter(Drafter):
     MODES = ("fallback", "fill", "mixed")
 
     def __init__(self, params: SamplingParams, n_min: int = 2, n_max: int = 4,
-                 datastore: NgramModel | None = None, mode: str = "fill"):
+                 datastore: NgramModel | None = None, mode: str = "fill", stop: WindowStop | None = None,
+                 keyed: bool = False):
         super().__init__(params)
         if mode not in self.MODES:
             raise ValueError(f"unknown n-gram mode {mode!r}; choose from {', '.join(self.MODES)}")
+        if (stop is not None or keyed) and mode == "mixed":
+            raise ValueError("the window stop is calibrated for n-gram modes fill and fallback, not mixed")
         self.n_min, self.n_max, self.mode = n_min, n_max, mode
+        # stop: cut windows where more tokens cost more than they return (window_stop.py);
+        # keyed: record every drafted token's key in last_keys (calibration replays)
+        self.stop, self.keyed = stop, keyed or stop is not None
+        self.last_keys: list[str] = []
         self.index = NgramIndex(n_min, n_max)
         self.datastore = datastore
         self._branches: dict[tuple[int, int], DraftWindow] = {}
@@ -161,11 +179,29 @@ class NgramDrafter(Drafter):
         if self.mode == "mixed":
             ids = self._draft_mixed(tail, gamma)
         else:
-            ids = self.index.lookup(tail, gamma)
+            ids, n = self.index.match(tail, gamma)
+            keys = self._context_keys(tail, ids, n) if self.keyed else None
             if ds is not None and (not ids or (self.mode == "fill" and len(ids) < gamma)):
-                ids = ids + ds.draft(list(tail) + ids, gamma - len(ids))
+                more, ns = ds.draft_n(list(tail) + ids, gamma - len(ids))
+                if keys is not None:
+                    keys += [datastore_key(m, len(ids) + i) for i, m in enumerate(ns)]
+                ids = ids + more
+            if keys is not None:
+                if self.stop is not None:
+                    g = self.stop.length(keys)
+                    ids, keys = ids[:g], keys[:g]
+                self.last_keys = keys
         self.stats.computed += len(ids)
         return DraftWindow(list(ids), None, self.name)
+
+    def _context_keys(self, tail: list[int], ids: list[int], n: int) -> list[str]:
+        ds = self.datastore
+        seq, keys = list(tail), []
+        for k, t in enumerate(ids):
+            agrees = ds is not None and ds.next_token(seq[-ds.n_max:])[0] == t
+            keys.append(context_key(n, k, agrees))
+            seq.append(t)
+        return keys
 
     def _draft_mixed(self, tail: list[int], gamma: int) -> list[int]:
         """Token by token, the longest known suffix over both sources (the context wins ties)."""

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SpecConfig(_message.Message):
-    __slots__ = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "branch_batch", "confidence", "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers", "ngram_min", "ngram_max", "rule", "ngram_datastore", "rollout_stop", "pre_budget")
+    __slots__ = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "branch_batch", "confidence", "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers", "ngram_min", "ngram_max", "rule", "ngram_datastore", "rollout_stop", "pre_budget", "window_stop")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class SpecConfig(_message.Message):
     NGRAM_DATASTORE_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_STOP_FIELD_NUMBER: _ClassVar[int]
     PRE_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_STOP_FIELD_NUMBER: _ClassVar[int]
     method: str
     draft: str
     gamma: int
@@ -50,7 +51,8 @@ class SpecConfig(_message.Message):
     ngram_datastore: str
     rollout_stop: str
     pre_budget: int
-    def __init__(self, method: _Optional[str] = ..., draft: _Optional[str] = ..., gamma: _Optional[int] = ..., kappa: _Optional[int] = ..., exit_layer: _Optional[int] = ..., budget: _Optional[int] = ..., branch_batch: _Optional[int] = ..., confidence: _Optional[float] = ..., draft_layers: _Optional[int] = ..., draft_model: _Optional[str] = ..., adapter: _Optional[str] = ..., exit_head: _Optional[str] = ..., vocab_trim: _Optional[str] = ..., streams: _Optional[int] = ..., stream_layers: _Optional[int] = ..., ngram_min: _Optional[int] = ..., ngram_max: _Optional[int] = ..., rule: _Optional[str] = ..., ngram_datastore: _Optional[str] = ..., rollout_stop: _Optional[str] = ..., pre_budget: _Optional[int] = ...) -> None: ...
+    window_stop: str
+    def __init__(self, method: _Optional[str] = ..., draft: _Optional[str] = ..., gamma: _Optional[int] = ..., kappa: _Optional[int] = ..., exit_layer: _Optional[int] = ..., budget: _Optional[int] = ..., branch_batch: _Optional[int] = ..., confidence: _Optional[float] = ..., draft_layers: _Optional[int] = ..., draft_model: _Optional[str] = ..., adapter: _Optional[str] = ..., exit_head: _Optional[str] = ..., vocab_trim: _Optional[str] = ..., streams: _Optional[int] = ..., stream_layers: _Optional[int] = ..., ngram_min: _Optional[int] = ..., ngram_max: _Optional[int] = ..., rule: _Optional[str] = ..., ngram_datastore: _Optional[str] = ..., rollout_stop: _Optional[str] = ..., pre_budget: _Optional[int] = ..., window_stop: _Optional[str] = ...) -> None: ...
 
 class DraftSampling(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed", "max_new_tokens")
