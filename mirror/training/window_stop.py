@@ -19,7 +19,6 @@ import torch
 from tqdm import tqdm
 
 from ..decoding.drafters.ngram import NgramDrafter, NgramModel
-from ..decoding.drafters.window_stop import WindowStop
 from ..sampling import SamplingParams
 from .replay import replay
 
@@ -72,8 +71,3 @@ def measure_cost(model, t_max: int, reps: int = 15, context: int = 256, progress
         out.append(round(hi, 4))
     return out
 
-
-def calibrate_stop(pairs, store: NgramModel | None, gamma: int, cost: list[float], meta: dict,
-                   n_min: int = 2, n_max: int = 4) -> WindowStop:
-    counts, rep = acceptance_counts(pairs, store, gamma, n_min, n_max)
-    return WindowStop.fit(counts, cost, {**meta, "gamma": gamma, "replay": rep, "answers": len(pairs)})

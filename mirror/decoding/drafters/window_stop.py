@@ -2,8 +2,8 @@
 than it costs the target to verify.
 
 A verification pass over T window tokens is not free on a CPU: on the CI machine (2 threads,
-fp32, SmolLM2-135M) a 6-token window costs ~1.14x a plain decoding step and a 10-token one
-~1.3x, while a 2-token window costs the same as one (a single row is padded to two anyway).
+fp32, SmolLM2-135M) a 6-token window costs ~1.13x a plain decoding step and a 9-token one
+~1.22x (a 2-token window costs little more than one: a single row is padded to two anyway).
 Most n-gram windows are mostly rejected (acceptance ~0.22 at gamma 5): their tail tokens come
 from low-order datastore lookups that rarely match. So each drafted token carries a *key* that
 says where it came from (context match of length n at offset k, agreeing or not with the
@@ -72,14 +72,12 @@ class WindowStop:
         return best_g
 
     @classmethod
-    def fit(cls, counts: dict[str, list[int]], cost: list[float], meta: dict | None = None,
-            min_reached: int = 0) -> "WindowStop":
+    def fit(cls, counts: dict[str, list[int]], cost: list[float], meta: dict | None = None) -> "WindowStop":
         """From replay counts key -> [reached, accepted] (Laplace-smoothed), plus pooled rates
         per source ('c*', 'd*') for keys the calibration never saw."""
         accept, pooled = {}, {}
         for key, (reached, acc) in counts.items():
-            if reached >= min_reached:
-                accept[key] = (acc + 1) / (reached + 2)
+            accept[key] = (acc + 1) / (reached + 2)
             s = pooled.setdefault(key[0] + "*", [0, 0])
             s[0] += reached
             s[1] += acc
