@@ -81,24 +81,42 @@ def generate_with_features(model: Transformer, prompts: list[list[int]], max_new
         nxt[r] = ti[0, -1, 0]
     done = [False] * B
     pos = torch.tensor(lens)
+    # Unfinished sequences occupy cache rows 0..n_active-1 and only they step: decoding here is
+    # compute-bound (a batch of 16 rows costs far more than one weight read), so a finished row
+    # is swapped behind the active ones (one copy of its KV) instead of stepping on for nothing.
+    seq_at = list(range(B))  # cache row -> sequence
+    row_of = list(range(B))  # sequence -> cache row
+    n_active = B
     invariant, model.batch_invariant = model.batch_invariant, False  # speed; numerics need not match
     try:
         for _ in range(max_new):
-            active = [r for r in range(B) if not done[r]]
-            if not active:
+            if not n_active:
                 break
-            for r, t in zip(active, nxt[active].tolist()):
+            active = seq_at[:n_active]
+            idx = torch.tensor(active)
+            for r, t in zip(active, nxt[idx].tolist()):
                 seq_ids[r].append(t)
-            # every row steps (finished ones harmlessly), so all rows stay at their own positions
-            ti, tp, hs = rec(nxt[:, None], pos[:, None], cache, kv_len=int(pos.max()) + 1)
-            for r in active:
-                tops[r].append(ti[r])
-                probs[r].append(tp[r])
+            ti, tp, hs = rec(nxt[idx][:, None], pos[idx][:, None], cache, rows=range(n_active),
+                             kv_len=int(pos[idx].max()) + 1)
+            for i, r in enumerate(active):
+                tops[r].append(ti[i])
+                probs[r].append(tp[i])
                 for l in rec.layers:
-                    hid[r][l].append(hs[l][r])
+                    hid[r][l].append(hs[l][i])
                 done[r] = seq_ids[r][-1] in eos or len(seq_ids[r]) - lens[r] >= max_new
-            nxt = ti[:, 0, 0]
-            pos = pos + 1
+            nxt[idx] = ti[:, 0, 0]
+            pos[idx] += 1
+            for r in active:
+                if done[r]:
+                    i, j = row_of[r], n_active - 1
+                    if i != j:
+                        swap = torch.tensor([j, i])
+                        cache.k[:, [i, j]] = cache.k[:, swap]
+                        cache.v[:, [i, j]] = cache.v[:, swap]
+                        s = seq_at[j]
+                        seq_at[i], seq_at[j] = s, r
+                        row_of[s], row_of[r] = i, j
+                    n_active -= 1
     finally:
         model.batch_invariant = invariant
     return [Features(torch.tensor(seq_ids[r]), {l: torch.cat(hid[r][l]) for l in rec.layers},

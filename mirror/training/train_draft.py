@@ -41,7 +41,7 @@ class TrainConfig:
     draft_layers: int = 4
     adapter_ffn: int = 1536
     exit_layer: int = 0  # 0 -> 2N/3
-    prompts: int = 800
+    prompts: int = 600
     max_new_tokens: int = 128
     gen_batch: int = 16
     top_k: int = 32
