@@ -30,6 +30,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--vocab-trim", default=None)
     ap.add_argument("--datastore", default=None)
     ap.add_argument("--draft-model", default=None, help="a separate draft model (`mirror distill-draft` folder)")
+    ap.add_argument("--int8-calib", default=None, metavar="FILE",
+                    help="also time the int8 copy of the target with these SmoothQuant statistics ('bundled')")
     ap.add_argument("--gamma", type=int, default=5)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--draft-layers", type=int, default=4)
@@ -70,6 +72,9 @@ def main(argv=None) -> dict:
     if args.draft_model:
         configs.append(("separate model (%s)" % os.path.basename(os.path.normpath(args.draft_model)),
                         dict(draft="model", draft_model=args.draft_model)))
+    if args.int8_calib:
+        configs.append(("int8 copy of the target", dict(draft="model", draft_model="target", draft_quant="int8",
+                                                        int8_calib=args.int8_calib)))
     for name, kw in configs:
         spec = SpecConfig(method="sd", **kw)
         kind = spec.draft

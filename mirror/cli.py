@@ -52,7 +52,12 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--branch-batch", type=int, default=S)
     g.add_argument("--confidence", type=float, default=S, help="draft early-stop threshold")
     g.add_argument("--draft-layers", type=int, default=S, help="self-draft depth k")
-    g.add_argument("--draft-model", default=S, help="separate draft model (GGUF or HF folder)")
+    g.add_argument("--draft-model", default=S,
+                   help="separate draft model (GGUF or HF folder); 'target': a copy of the target (with --draft-quant)")
+    g.add_argument("--draft-quant", default=S, choices=["none", "int8"],
+                   help="a 'model' draft's linear layers as int8 (e.g. --draft model --draft-model target --draft-quant int8)")
+    g.add_argument("--int8-calib", default=S,
+                   help="SmoothQuant statistics for an int8 draft (mirror calibrate-int8); 'bundled': the default model's")
     g.add_argument("--adapter", default=S, help="trained draft artifact (mirror train-draft)")
     g.add_argument("--exit-head", default=S, help="trained early-exit head artifact; 'bundled': the one shipped for the default model")
     g.add_argument("--vocab-trim", default=S, help="VocabTrim token set (JSON); 'bundled': shipped for the default model; 'none': no trim")
@@ -86,7 +91,8 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
 _SPEC_FLAGS = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "branch_batch", "confidence",
                "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers",
                "rule", "draft_backend", "onnx_dir", "onnx_providers", "onnx_strict", "onnx_threads", "onnx_max_len",
-               "ngram_datastore", "exit_trim", "rollout_stop", "pre_budget", "window_stop")
+               "ngram_datastore", "exit_trim", "rollout_stop", "pre_budget", "window_stop", "draft_quant",
+               "int8_calib")
 
 
 def spec_from_args(args, base=None):
@@ -432,6 +438,26 @@ def _train_bf16(args) -> bool:
     return cpu_has_fast_bf16() if prec == "auto" else prec == "bf16"
 
 
+def cmd_calibrate_int8(args) -> int:
+    from .training.int8 import calibrate_int8
+
+    _require_positive(args, "prompts", "batch")
+    if args.max_new_tokens < 0:
+        _die("--max-new-tokens must be >= 0")
+    if not 0.0 < args.alpha <= 1.0:
+        _die("--alpha must be in (0, 1]")
+    data = _training_data(args)
+    lm = load_from_args(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    try:
+        meta = calibrate_int8(lm.model, lm.tokenizer, data, args.out, prompts=args.prompts,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed, alpha=args.alpha, batch=args.batch)
+    except (ValueError, KeyError) as e:
+        _die(str(e))
+    print(json.dumps(meta))
+    return 0
+
+
 def cmd_distill_draft(args) -> int:
     from .training.distill import distill_draft
 
@@ -694,6 +720,17 @@ def main(argv=None) -> int:
                    help="step costs for windows of 1, 2, ... tokens instead of timing the target here")
     d.add_argument("--reps", type=int, default=40, help="timing rounds")
     d.set_defaults(func=cmd_calibrate_stop)
+    d = sub.add_parser("calibrate-int8", help="SmoothQuant statistics for the int8 draft (an int8 copy of the "
+                       "target): activation maxima over training prompts and the target's answers")
+    d.add_argument("--data", default=None, help="training prompts JSONL (default ../shared/data/train_prompts.jsonl)")
+    d.add_argument("--out", default="artifacts/int8_calib.safetensors")
+    add_model_args(d)
+    d.add_argument("--prompts", type=int, default=64)
+    d.add_argument("--max-new-tokens", type=int, default=64, help="target answer tokens per prompt (0: prompts only)")
+    d.add_argument("--batch", type=int, default=16, help="prompts decoded together")
+    d.add_argument("--alpha", type=float, default=0.85, help="SmoothQuant migration strength")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_calibrate_int8)
     d = sub.add_parser("distill-draft", help="a separate small draft model distilled from the target's answers")
     d.add_argument("--data", default=None, help="training prompts JSONL (default ../shared/data/train_prompts.jsonl)")
     d.add_argument("--out", default="artifacts/small-draft", help="output folder (checkpointed; resumes)")

@@ -8,6 +8,7 @@ DRAFTS = ("self", "model", "ngram", "streaming", "ngram+self", "ngram+streaming"
 RULES = ("auto", "stochastic", "match")
 ROLLOUT_STOPS = ("predict", "verdict")
 DRAFT_BACKENDS = ("torch", "onnx")
+DRAFT_QUANTS = ("none", "int8")
 
 
 @dataclass(slots=True)
@@ -21,7 +22,13 @@ class SpecConfig:
     branch_batch: int = 8  # hypotheses expanded per batched draft pass (anytime granularity)
     confidence: float = 0.0  # Kangaroo early stop: end a draft branch when top-1 prob < this (0 = off)
     draft_layers: int = 4  # self-draft: target layers [0, k)
-    draft_model: str | None = None  # separate draft: GGUF / HF path sharing the target's tokenizer
+    draft_model: str | None = None  # separate draft: GGUF / HF path sharing the target's tokenizer;
+    # "target": a copy of the target itself (with draft_quant, an int8 copy)
+    # A 'model' draft's linear layers as int8 (models/quant.py): "none" or "int8". int8_calib: the
+    # SmoothQuant activation statistics (`mirror calibrate-int8`; "bundled" for the bundled model;
+    # None: plain int8, much less accurate)
+    draft_quant: str = "none"
+    int8_calib: str | None = None
     adapter: str | None = None  # trained self-draft / streaming artifact (safetensors)
     exit_head: str | None = None  # trained early-exit head artifact
     exit_trim: str | None = None  # VocabTrim set for the early-exit head (top-kappa among it)
@@ -84,6 +91,13 @@ class SpecConfig:
             raise ValueError("ngram_max must be >= ngram_min")
         if "model" in self.draft and not self.draft_model:
             raise ValueError("draft 'model' needs draft_model (a GGUF file or Hugging Face folder)")
+        if self.draft_quant not in DRAFT_QUANTS:
+            raise ValueError(f"unknown draft_quant {self.draft_quant!r}; choose one of {', '.join(DRAFT_QUANTS)}")
+        if self.draft_quant != "none" and "model" not in self.draft:
+            raise ValueError(f"draft_quant applies to a 'model' draft (e.g. draft=model, draft_model=target), "
+                             f"not to {self.draft!r}")
+        if self.draft_quant != "none" and self.vocab_trim not in (None, "none"):
+            raise ValueError("draft_quant with vocab_trim is not supported: the int8 draft keeps the full head")
         if self.draft_backend not in DRAFT_BACKENDS:
             raise ValueError(f"unknown draft backend {self.draft_backend!r}; choose one of {', '.join(DRAFT_BACKENDS)}")
         for name, lo in (("onnx_threads", 1), ("onnx_inter_threads", 1), ("onnx_max_len", 2)):

@@ -2,6 +2,7 @@
 and `mirror` used by the CLI, the benchmarks and the workers."""
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -21,19 +22,35 @@ from .result import GenerationResult
 from .speculative import DraftPipeline, generate_speculative
 from .target import TargetPipeline
 
-_DRAFT_MODELS: dict[str, Transformer] = {}
+log = logging.getLogger(__name__)
+_DRAFT_MODELS: dict[tuple, Transformer] = {}
 
 
-def load_draft_model(path: str, target: Transformer) -> Transformer:
+def load_draft_model(path: str, target: Transformer, quant: str = "none", int8_calib: str | None = None) -> Transformer:
+    """A separate draft model: a GGUF / Hugging Face path, or "target" (the target's own weights);
+    with quant="int8" an int8 copy, SmoothQuant-smoothed with the `int8_calib` statistics."""
     from ..models.loader import load_model
 
-    if path not in _DRAFT_MODELS:
-        dm = load_model(path, dtype=target.dtype, tokenizer=False).model
-        if dm.cfg.vocab_size != target.cfg.vocab_size:
-            raise ValueError(f"draft model {path} has vocab {dm.cfg.vocab_size}, the target "
-                             f"{target.cfg.vocab_size}: a draft must share the target's tokenizer")
-        _DRAFT_MODELS[path] = dm
-    return _DRAFT_MODELS[path]
+    key = (path if path != "target" else ("target", id(target)), quant, int8_calib)
+    if key not in _DRAFT_MODELS:
+        if path == "target":
+            dm = target
+        else:
+            dm = load_model(path, dtype=target.dtype, tokenizer=False).model
+            if dm.cfg.vocab_size != target.cfg.vocab_size:
+                raise ValueError(f"draft model {path} has vocab {dm.cfg.vocab_size}, the target "
+                                 f"{target.cfg.vocab_size}: a draft must share the target's tokenizer")
+        if quant != "none":
+            from ..models.bundled import resolve_artifact
+            from ..models.quant import DEFAULT_ALPHA, load_calibration, smoothed_copy
+
+            act, meta = load_calibration(resolve_artifact(int8_calib, "int8_calib")) if int8_calib else (None, {})
+            dm = smoothed_copy(dm, act, alpha=float(meta.get("alpha", DEFAULT_ALPHA)), mode=quant)
+        elif path == "target":
+            raise ValueError("draft_model=target without draft_quant is the target itself: "
+                             "set draft_quant=int8 for an int8 copy")
+        _DRAFT_MODELS[key] = dm
+    return _DRAFT_MODELS[key]
 
 
 def distilled_trim(draft_model: str) -> str | None:
@@ -54,7 +71,12 @@ def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNe
     (an OrtDraftNet, which NetworkDrafter drives the same way)."""
     from .artifacts import load_draft_artifact
 
-    if spec.draft_backend == "onnx":
+    if spec.draft_backend == "onnx" and spec.draft_quant != "none" and kind == "model":
+        if spec.onnx_strict:
+            raise ValueError("an int8 draft has no ONNX export yet; with onnx_strict it cannot run")
+        log.warning("int8 drafts run on PyTorch's quantized CPU kernels (no ONNX Runtime export of "
+                    "them yet): the draft uses the torch backend")
+    elif spec.draft_backend == "onnx":
         from ..onnx.runtime import ort_draft_for_spec
 
         return ort_draft_for_spec(target, spec, kind)
@@ -65,13 +87,14 @@ def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNe
         trim_path = None
     elif trim_path is None and art is not None and art.meta.get("vocab_trim"):
         trim_path = os.path.join(os.path.dirname(spec.adapter), art.meta["vocab_trim"])  # trained with it
-    elif trim_path is None and kind == "model":
+    elif trim_path is None and kind == "model" and spec.draft_model != "target":
         trim_path = distilled_trim(spec.draft_model)
     from ..models.bundled import resolve_artifact
 
     keep = VocabTrim.load(resolve_artifact(trim_path, "vocab_trim")).keep_ids if trim_path else None
     if kind == "model":
-        return DraftNet.from_model(load_draft_model(spec.draft_model, target), keep)
+        return DraftNet.from_model(load_draft_model(spec.draft_model, target, spec.draft_quant, spec.int8_calib),
+                                   keep)
     k = art.layers if art is not None else spec.draft_layers
     adapter = art.adapter if art is not None else None
     net = DraftNet.self_draft(target, k, adapter, keep)

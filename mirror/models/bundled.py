@@ -36,6 +36,7 @@ BUNDLED_ARTIFACTS = {  # calibrated for the bundled model by `mirror train-draft
     "exit_head": DATA / "smollm2-135m-instruct.exit_head.safetensors",
     "vocab_trim": DATA / "smollm2-135m-instruct.vocab_trim.json",
     "window_stop": DATA / "smollm2-135m-instruct.window_stop.json",
+    "int8_calib": DATA / "smollm2-135m-instruct.int8_calib.safetensors",  # mirror calibrate-int8
 }
 
 

@@ -154,7 +154,7 @@ class DraftWorker:
         net = None
         if kind is not None:
             key = (kind, spec.draft_layers, spec.draft_model, spec.adapter, spec.vocab_trim, spec.streams,
-                   spec.stream_layers, getattr(spec, "draft_backend", "torch"))
+                   spec.stream_layers, getattr(spec, "draft_backend", "torch"), spec.draft_quant, spec.int8_calib)
             with self._lock:  # one network per draft configuration, shared by sessions
                 if key not in self._nets:
                     self._nets[key] = build_draft_net(self.lm.model, spec, kind)
