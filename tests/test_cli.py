@@ -86,3 +86,35 @@ def test_distill_draft_bad_input_exits_nonzero_with_a_message(argv, message, cap
         main(["distill-draft", "--out", str(tmp_path / "dd")] + [a.format(prompts=prompts) for a in argv])
     assert e.value.code not in (0, None)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompts", "0"], "--prompts must be positive"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+    (["--alpha", "1.5"], "--alpha must be in (0, 1]"),
+    (["--data", "/nonexistent/prompts.jsonl"], "no training prompts"),
+    (["--data", "{specbench}"], "training on the benchmark is not allowed"),
+])
+def test_calibrate_int8_bad_input_exits_nonzero_with_a_message(argv, message, capsys, tmp_path):
+    bench = tmp_path / "question.jsonl"
+    bench.write_text('{"question_id": 1, "category": "qa", "turns": ["Name a colour."]}\n')
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate-int8", "--out", str(tmp_path / "c.safetensors")] + [a.format(specbench=bench) for a in argv])
+    assert e.value.code not in (0, None)
+    assert message in capsys.readouterr().err
+
+
+def test_calibrate_int8_writes_statistics_the_draft_loads(bundled, capsys, tmp_path):
+    from mirror.decoding.factory import load_draft_model
+    from mirror.models.quant import QuantLinear, load_calibration
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Name a colour."}\n{"prompt": "Count to five."}\n')
+    out = str(tmp_path / "c.safetensors")
+    assert main(["calibrate-int8", "--data", str(prompts), "--prompts", "2", "--max-new-tokens", "4",
+                 "--out", out]) == 0
+    act, meta = load_calibration(out)
+    assert meta["prompts"] == "2" and float(meta["alpha"]) == 0.85
+    assert len(act) == 4 * bundled.model.cfg.n_layers + 1 and all(float(v.max()) > 0 for v in act.values())
+    q = load_draft_model("target", bundled.model, "int8", out)
+    assert isinstance(q.layers[0].w2, QuantLinear) and q.layers[0].ffn_norm is not bundled.model.layers[0].ffn_norm

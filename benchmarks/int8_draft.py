@@ -1,0 +1,152 @@
+"""The int8 copy of the target as a draft (mirror/models/quant.py): agreement, tau and cost.
+
+On the target's greedy answers to held-out *training* prompts (never Spec-Bench), for plain
+per-channel int8 and for SmoothQuant-smoothed int8 at several migration strengths alpha (the
+activation statistics of `--calib`, a `mirror calibrate-int8` file; 'bundled' by default):
+top-1 agreement with the target (teacher-forced) and the exact tau of greedy vanilla SD at
+gamma (replayed from those predictions: the int8 copy is a context-only draft), plus one draft
+step's time against a target step (window of gamma + 1) at one thread.
+
+    python -m benchmarks.int8_draft --out runs/int8_draft        # ~6 min on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.feature_draft import corpus, replay_context_draft
+
+
+def predictions(model, data: list[dict]) -> tuple[list[list[int]], float]:
+    from mirror.decoding.drafters.network import DraftNet
+
+    net = DraftNet.from_model(model)
+    preds, hit, total = [], 0, 0
+    with torch.inference_mode():
+        for r in tqdm(data, desc="teacher-forced", unit="answer", leave=False):
+            ids, a = r["ids"], r["n_prompt"]
+            logits = net(ids[None], torch.arange(len(ids))[None], net.new_cache(1, len(ids)))[0]
+            p = logits[a - 1:len(ids) - 1].argmax(-1)  # p[j] predicts answer token j
+            preds.append(p[1:].tolist())  # replay_context_draft: p[j] is answer token j + 1
+            hit += int((p == ids[a:]).sum())
+            total += len(ids) - a
+    return preds, hit / max(total, 1)
+
+
+def step_ms(model, context: int, tokens: int, reps: int) -> float:
+    from mirror.decoding.drafters.network import DraftNet
+
+    net = DraftNet.from_model(model)
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(100, 20000, (1, context), generator=g)
+    with torch.inference_mode():
+        cache = net.new_cache(1, context + tokens + 1)
+        net(ctx, torch.arange(context)[None], cache)
+        x, pos = ctx[:, :tokens], torch.arange(context, context + tokens)[None]
+        for _ in range(3):
+            net(x, pos, cache, kv_len=context + tokens)
+        t = time.perf_counter()
+        for _ in range(reps):
+            net(x, pos, cache, kv_len=context + tokens)
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def target_step_ms(model, context: int, tokens: int, reps: int) -> float:
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(100, 20000, (1, context), generator=g)
+    with torch.inference_mode():
+        cache = model.new_cache(1, context + tokens + 1)
+        model(ctx, torch.arange(context)[None], cache)
+        x, pos = ctx[:, :tokens], torch.arange(context, context + tokens)[None]
+        for _ in range(3):
+            model(x, pos, cache, kv_len=context + tokens)
+        t = time.perf_counter()
+        for _ in range(reps):
+            model(x, pos, cache, kv_len=context + tokens)
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def main(argv=None) -> dict:
+    from mirror.models import load_model
+    from mirror.models.bundled import resolve_artifact
+    from mirror.models.quant import load_calibration, quantized_copy, smoothed_copy
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "train_prompts.jsonl"),
+                    help="training prompts JSONL (default ../shared/data/train_prompts.jsonl; never Spec-Bench)")
+    ap.add_argument("--out", default="runs/int8_draft")
+    ap.add_argument("--calib", default="bundled", help="a `mirror calibrate-int8` file ('bundled': shipped)")
+    ap.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.7, 0.85, 1.0])
+    ap.add_argument("--holdout", type=int, default=60, help="held-out training prompts, from --holdout-skip on")
+    ap.add_argument("--holdout-skip", type=int, default=4000)
+    ap.add_argument("--gamma", type=int, default=5)
+    ap.add_argument("--context", type=int, default=512, help="cached positions for the timing")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the agreement pass (timing: 1)")
+    args = ap.parse_args(argv)
+    for name in ("holdout", "gamma", "context", "reps", "threads"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name} must be positive")
+    if not Path(args.data).is_file():
+        ap.error(f"training prompts not found: {args.data} (pass --data)")
+    if any(not 0 < a <= 1 for a in args.alphas):
+        ap.error("--alphas must be in (0, 1]")
+    torch.set_num_threads(args.threads)
+    lm = load_model(None)
+    t = lm.model
+    out = Path(args.out)
+    hold = corpus(t, lm.tokenizer, args.data, args.holdout, args.holdout_skip,
+                  out / f"hold{args.holdout_skip}_{args.holdout}.pt")
+    act, meta = load_calibration(resolve_artifact(args.calib, "int8_calib"))
+    variants = {"int8, plain (per-channel weights, per-token activations)": quantized_copy(t)}
+    for a in args.alphas:
+        variants[f"int8, SmoothQuant alpha={a:g}"] = smoothed_copy(t, act, alpha=a)
+    res = {"holdout": args.holdout, "holdout_skip": args.holdout_skip, "gamma": args.gamma,
+           "calib": args.calib, "calib_meta": meta, "answer_tokens": sum(len(r["ids"]) - r["n_prompt"] for r in hold),
+           "variants": {}}
+    for name, m in variants.items():
+        preds, agree = predictions(m, hold)
+        res["variants"][name] = {"top1_agreement": agree, "tau": replay_context_draft(preds, hold, args.gamma)}
+        print(f"{name:58s} agreement {agree:.3f}  tau {res['variants'][name]['tau']:.2f}", flush=True)
+    torch.set_num_threads(1)
+    G = args.gamma
+    res["target_step_ms"] = target_step_ms(t, args.context, G + 1, args.reps)
+    best = max(res["variants"], key=lambda k: res["variants"][k]["top1_agreement"])
+    ms = step_ms(variants[best], args.context, 1, args.reps)
+    res["draft_ms_per_token"] = ms
+    res["draft_ratio_to_target_step"] = ms / res["target_step_ms"]
+    print(f"target step (window of {G + 1}, 1 thread): {res['target_step_ms']:.1f} ms; int8 draft token: {ms:.1f} ms "
+          f"= {res['draft_ratio_to_target_step']:.3f} of a target step")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(res["variants"])
+        labels = [n.replace("int8, ", "").replace(" (per-channel weights, per-token activations)", "") for n in names]
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+        ax[0].bar(labels, [res["variants"][n]["top1_agreement"] for n in names], color="tab:blue")
+        ax[0].set_title("top-1 agreement with the fp32 target")
+        ax[1].bar(labels, [res["variants"][n]["tau"] for n in names], color="tab:green")
+        ax[1].axhline(2.5, color="gray", ls="--", lw=1)
+        ax[1].set_title(f"tau, greedy vanilla SD, gamma {G}")
+        for a in ax:
+            a.tick_params(axis="x", rotation=30, labelsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "int8_draft.png", dpi=120)
+    except ImportError:
+        pass
+    print(f"wrote {out / 'results.json'}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
