@@ -74,33 +74,19 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_linears(module: nn.Module, mode: str = "int8") -> int:
-    """Replace every `Linear` (and nn.Linear) below `module` with a QuantLinear, in place.
-    Returns how many were replaced."""
-    if mode not in QUANT_MODES:
-        raise ValueError(f"unknown draft quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
-    n = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, (Linear, nn.Linear)):
-            setattr(module, name, QuantLinear.from_linear(child))
-            n += 1
-        else:
-            n += quantize_linears(child, mode)
-    return n
-
-
-def quantized_copy(model: nn.Module, mode: str = "int8") -> nn.Module:
+def quantized_copy(model: nn.Module, mode: str = "int8", skip=()) -> nn.Module:
     """A copy of `model` whose linear layers are int8 QuantLinears; everything else (embedding,
-    norms, RoPE tables) is shared with `model`, which is left untouched."""
+    norms, RoPE tables) is shared with `model`, which is left untouched. Linears whose attribute
+    name is in `skip` stay shared fp32 modules (for the caller to replace)."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown draft quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
 
-    def clone(m: nn.Module) -> nn.Module:
+    def clone(m: nn.Module, name: str = "") -> nn.Module:
         if isinstance(m, (Linear, nn.Linear)):
-            return QuantLinear.from_linear(m)
+            return m if name in skip else QuantLinear.from_linear(m)
         c = copy.copy(m)
         c._parameters, c._buffers = dict(m._parameters), dict(m._buffers)
-        c._modules = {k: (None if v is None else clone(v)) for k, v in m._modules.items()}
+        c._modules = {k: (None if v is None else clone(v, k)) for k, v in m._modules.items()}
         return c
 
     return clone(model)
@@ -165,7 +151,8 @@ def smoothed_copy(model: nn.Module, act_max: dict[str, torch.Tensor] | None, alp
     if missing:
         raise ValueError(f"int8 calibration does not match this model (no statistics for {missing[0]}"
                          f"{' and %d more' % (len(missing) - 1) if len(missing) > 1 else ''})")
-    q = quantized_copy(model, mode)  # wo stays plainly quantized (GQA ties its channels to v's)
+    # wo is quantized plainly (GQA ties its input channels to v's); the rest is smoothed below
+    q = quantized_copy(model, mode, skip=("wqkv", "w13", "w2", "lm_head"))
     for i, (b, bt) in enumerate(zip(q.layers, model.layers)):
         if act_max[f"layers.{i}.wqkv"].numel() != bt.wqkv.in_features:
             raise ValueError(f"int8 calibration does not match this model (layer {i} width)")
