@@ -38,10 +38,9 @@ def predictions(model, data: list[dict]) -> tuple[list[list[int]], float]:
     return preds, hit / max(total, 1)
 
 
-def step_ms(model, context: int, tokens: int, reps: int) -> float:
-    from mirror.decoding.drafters.network import DraftNet
-
-    net = DraftNet.from_model(model)
+def forward_ms(net, context: int, tokens: int, reps: int) -> float:
+    """Mean time of one forward of `tokens` new tokens after `context` cached ones
+    (a Transformer or a DraftNet: both take tokens, positions, cache, kv_len)."""
     g = torch.Generator().manual_seed(0)
     ctx = torch.randint(100, 20000, (1, context), generator=g)
     with torch.inference_mode():
@@ -53,21 +52,6 @@ def step_ms(model, context: int, tokens: int, reps: int) -> float:
         t = time.perf_counter()
         for _ in range(reps):
             net(x, pos, cache, kv_len=context + tokens)
-    return (time.perf_counter() - t) / reps * 1e3
-
-
-def target_step_ms(model, context: int, tokens: int, reps: int) -> float:
-    g = torch.Generator().manual_seed(0)
-    ctx = torch.randint(100, 20000, (1, context), generator=g)
-    with torch.inference_mode():
-        cache = model.new_cache(1, context + tokens + 1)
-        model(ctx, torch.arange(context)[None], cache)
-        x, pos = ctx[:, :tokens], torch.arange(context, context + tokens)[None]
-        for _ in range(3):
-            model(x, pos, cache, kv_len=context + tokens)
-        t = time.perf_counter()
-        for _ in range(reps):
-            model(x, pos, cache, kv_len=context + tokens)
     return (time.perf_counter() - t) / reps * 1e3
 
 
@@ -115,9 +99,11 @@ def main(argv=None) -> dict:
         print(f"{name:58s} agreement {agree:.3f}  tau {res['variants'][name]['tau']:.2f}", flush=True)
     torch.set_num_threads(1)
     G = args.gamma
-    res["target_step_ms"] = target_step_ms(t, args.context, G + 1, args.reps)
+    res["target_step_ms"] = forward_ms(t, args.context, G + 1, args.reps)
     best = max(res["variants"], key=lambda k: res["variants"][k]["top1_agreement"])
-    ms = step_ms(variants[best], args.context, 1, args.reps)
+    from mirror.decoding.drafters.network import DraftNet
+
+    ms = forward_ms(DraftNet.from_model(variants[best]), args.context, 1, args.reps)
     res["draft_ms_per_token"] = ms
     res["draft_ratio_to_target_step"] = ms / res["target_step_ms"]
     print(f"target step (window of {G + 1}, 1 thread): {res['target_step_ms']:.1f} ms; int8 draft token: {ms:.1f} ms "
