@@ -104,6 +104,9 @@ class ScriptedPipeline:
     def __init__(self, req):
         self.req, self.drafter, self.events, self.signals = req, ScriptedDrafter(), [], []
 
+    def warm(self, prompt):
+        self.events.append(("warm", tuple(prompt)))
+
     def start(self, ctx, gamma):
         self.events.append(("start", tuple(ctx), gamma))
         return DraftWindow([1] * gamma, source="scripted")
@@ -171,6 +174,48 @@ def test_verdict_stops_the_expansion_then_answers(scripted):
         stats = client.close()
         assert stats == DraftStats(5, 3, 1, 2, 4, {"scripted": 3})
     assert srv.servicer.sessions == {} and p.drafter.closed
+
+
+def test_a_deferred_open_prefills_first_and_answers_the_first_token(scripted):
+    """Opened before the target's prefill: open returns at once, the draft warms up on the
+    prompt, and the first token is answered with window 0; signals before it are refused."""
+    srv, pipelines = scripted
+    with DraftChannelClient(srv.address, session_timeout=60, reply_timeout=5) as client:
+        assert client.open([5, 6, 7], None, 0, SPEC, PARAMS) is None
+        wait_until(lambda: pipelines and pipelines[0].events == [("warm", (5, 6, 7))])
+        w0 = client.first(8, 2)
+        assert w0.ids == [1, 1]
+        assert client.send_verdict(Verdict(0, 2, 9), gamma=3).ids == [9, 9, 9]
+        client.close()
+    assert pipelines[0].events[:3] == [("warm", (5, 6, 7)), ("start", (5, 6, 7, 8), 2), "prepare"]
+    with DraftChannelClient(srv.address, session_timeout=60, reply_timeout=5) as client:
+        client.open([5], None, 0, SPEC, PARAMS)
+        client.send_signal(_signal())
+        with pytest.raises(ChannelError, match="signal before the first token"):
+            client.first(6, 3)
+        client.open([5], 6, 3, SPEC, PARAMS)
+        with pytest.raises(ChannelError, match="first token after the first window"):
+            client.first(6, 3)
+    wait_until(lambda: srv.servicer.sessions == {})
+
+
+def test_a_warmed_network_draft_drafts_what_a_cold_one_does(bundled, draft_server):
+    """The real draft behind a deferred open: the prompt's KV is written before the first token
+    arrives (only the root is fed after it), and window 0 is the cold start's window."""
+    ids = bundled.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[2]}])
+    spec = SpecConfig(method="sd", draft="self", draft_layers=4, gamma=5)
+    with DraftChannelClient(draft_server.address, session_timeout=60) as client:
+        cold = client.open(ids, 42, 5, spec, PARAMS)
+        client.close()
+        client.open(ids, None, 0, spec, PARAMS)
+        wait_until(lambda: len(draft_server.servicer.sessions) == 1)
+        (session,) = draft_server.servicer.sessions.values()
+        wait_until(lambda: session.pipeline.drafter.kv == len(ids))
+        assert not session.started
+        warm = client.first(42, 5)
+        assert session.pipeline.drafter.kv >= len(ids) + 1
+        client.close()
+    assert len(cold.ids) == 5 and warm.ids == cold.ids
 
 
 class PreExpandingPipeline(ScriptedPipeline):

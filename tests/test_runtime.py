@@ -105,6 +105,26 @@ def test_cancel_mid_stream_frees_the_session_on_both_workers(engine):
     assert info["target"][0]["sessions"] == 0 and info["draft"]["sessions"] == 0
 
 
+def test_the_draft_prefills_the_prompt_while_the_target_does(engine, bundled):
+    """The session opens before the target's prefill: in the trace the draft worker's prompt
+    prefill (draft.warm) runs during the target worker's (target.start), and the output is
+    still plain decoding's."""
+    text = " ".join([PROMPT] * 12)  # a long prompt: a prefill that lasts
+    ids = engine.tokenizer.encode_chat([{"role": "user", "content": text}])
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ref = generate_ar(bundled.model, bundled.tokenizer, ids, params).ids
+    args = GenerateArgs(ids, params, SpecConfig(method="sd", draft="self", draft_layers=4, gamma=4))
+    run(engine, args)  # builds the draft network on the draft worker
+    origin = engine.runtime.start_trace()
+    out, last = run(engine, args)
+    events = engine.runtime.stop_trace(origin).events
+    assert out == ref and last.finish_reason == "length" and not engine.completed[-1]["degraded"]
+    (warm,) = [e for e in events if e["name"] == "draft.warm"]
+    (prefill,) = [e for e in events if e["name"] == "target.start"]
+    assert warm["pid"] != prefill["pid"]
+    assert warm["ts"] < prefill["ts"] + prefill["dur"] and prefill["ts"] < warm["ts"] + warm["dur"]
+
+
 def test_killing_the_draft_mid_request_still_completes_exactly(engine, reference):
     ids, ref = reference
     spec = SpecConfig(method="mirror", draft="self", draft_layers=2, kappa=4, budget=4)

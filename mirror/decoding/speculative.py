@@ -29,6 +29,16 @@ class DraftPipeline:
     def __init__(self, drafter: Drafter, spec: SpecConfig):
         self.drafter, self.spec = drafter, spec
 
+    def begin(self, prompt: list[int]) -> None:
+        """Called before the target's prefill. In one process there is nothing to overlap it
+        with: the draft prefills in `start`. (Behind the channel, `RemoteDraftPipeline.begin`
+        opens the session here, and the draft side runs `warm` while the target prefills.)"""
+
+    @trace.traced("draft.warm", "draft")
+    def warm(self, prompt: list[int]) -> None:
+        """The draft's prompt prefill, before the first token is known."""
+        self.drafter.warm(prompt)
+
     @trace.traced("draft.start", "draft")
     def start(self, ctx: list[int], gamma: int) -> DraftWindow:
         self.drafter.start(ctx)
@@ -73,6 +83,7 @@ def generate_speculative(target: TargetPipeline, draft: DraftPipeline, tokenizer
         raise ValueError(f"generate_speculative runs sd or mirror, not {spec.method!r}")
     out = OutputStream(tokenizer, params, on_chunk)
     t0 = time.perf_counter()
+    draft.begin(prompt_ids)  # a remote draft prefills the prompt while the target does
     root = target.start(prompt_ids)
     t1 = time.perf_counter()
 

@@ -5,6 +5,8 @@ stream per request). Target side: `DraftChannelClient` is what the target loop c
 
     client = DraftChannelClient("127.0.0.1:50052")
     window = client.open(prompt_ids, first_token, gamma, spec, params)   # first DraftWindow
+    # or, opened before the target's prefill (the draft prefills the prompt meanwhile):
+    client.open(prompt_ids, None, 0, spec, params); ...; window = client.first(first_token, gamma)
     client.send_signal(signal)          # returns at once; the draft starts branch rollouts
     ...                                 # target suffix runs meanwhile
     window = client.send_verdict(verdict, gamma)   # blocks until the next window arrives
@@ -165,6 +167,7 @@ class _Session:
         self.expansion: futures.Future | None = None
         self.preparing: futures.Future | None = None
         self.closed = False
+        self.started = False  # window 0 sent
         # rollout_stop="predict": when the verdict is expected (signal arrival + an average of
         # earlier signal -> verdict times) and how long one rollout step takes
         self._signal_t: float | None = None
@@ -173,7 +176,13 @@ class _Session:
         self._step_s: float | None = None
         self._last_check = 0.0
 
+    def warm(self) -> None:
+        """A deferred open: prefill the prompt while the target prefills it too."""
+        with torch.inference_mode():
+            self.pipeline.warm(self.req.prompt_ids)
+
     def start(self) -> DraftWindow:
+        self.started = True
         with torch.inference_mode():
             return self.pipeline.start(self.req.context, self.req.gamma)
 
@@ -290,10 +299,21 @@ class DraftChannelServicer(channel_pb2_grpc.DraftChannelServicer):
                             session = None
                             raise ValueError(f"session {req.session_id!r} already exists")
                         self.sessions[req.session_id] = session
-                    yield pb.DraftMessage(window=window_to_proto(session.start(), step=0))
-                    session.window_sent()
+                    if o.defer_first:  # the first token comes later (First): prefill meanwhile
+                        session.warm()
+                    else:
+                        yield pb.DraftMessage(window=window_to_proto(session.start(), step=0))
+                        session.window_sent()
                 elif session is None:
                     raise ValueError(f"{kind} before open")
+                elif kind == "first":
+                    if session.started:
+                        raise ValueError("first token after the first window (open was not deferred)")
+                    session.req.first_token, session.req.gamma = msg.first.token, msg.first.gamma
+                    yield pb.DraftMessage(window=window_to_proto(session.start(), step=0))
+                    session.window_sent()
+                elif not session.started and kind in ("signal", "verdict"):
+                    raise ValueError(f"{kind} before the first token")
                 elif kind == "signal":
                     session.on_signal(signal_from_proto(msg.signal))
                     if session.ack_signals:
@@ -421,9 +441,12 @@ class DraftChannelClient:
             raise ChannelError(f"draft window for step {w.step}, expected {step}")
         return window_from_proto(w)
 
-    def open(self, prompt_ids: list[int], first_token: int, gamma: int, spec: SpecConfig,
-             params: SamplingParams, session_id: str | None = None, ack_signals: bool = False) -> DraftWindow:
-        """Start a session; returns the draft's first window (drafted from prompt + first token)."""
+    def open(self, prompt_ids: list[int], first_token: int | None, gamma: int, spec: SpecConfig,
+             params: SamplingParams, session_id: str | None = None,
+             ack_signals: bool = False) -> DraftWindow | None:
+        """Start a session; returns the draft's first window (drafted from prompt + first token).
+        With `first_token=None` it returns at once (None): the draft prefills the prompt while
+        the target prefills it, and `first(token, gamma)` then returns the first window."""
         if self.is_open:
             raise ChannelError("a session is already open on this client")
         self.session_id = session_id or uuid.uuid4().hex
@@ -433,8 +456,14 @@ class DraftChannelClient:
         threading.Thread(target=self._read, args=(self._call, self._inbox), daemon=True,
                          name="draft-channel-reader").start()
         self._send(pb.TargetMessage(open=pb.Open(
-            session_id=self.session_id, prompt_ids=prompt_ids, first_token=first_token, gamma=gamma,
-            spec=spec_to_proto(spec), sampling=sampling_to_proto(params), ack_signals=ack_signals)))
+            session_id=self.session_id, prompt_ids=prompt_ids, first_token=first_token or 0, gamma=gamma,
+            spec=spec_to_proto(spec), sampling=sampling_to_proto(params), ack_signals=ack_signals,
+            defer_first=first_token is None)))
+        return None if first_token is None else self._window(0)
+
+    def first(self, token: int, gamma: int) -> DraftWindow:
+        """After a deferred open: the target's first token; blocks until the first window arrives."""
+        self._send(pb.TargetMessage(first=pb.First(token=token, gamma=gamma)))
         return self._window(0)
 
     def send_signal(self, signal: EarlyExitSignal) -> None:

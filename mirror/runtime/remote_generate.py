@@ -4,6 +4,9 @@
 decoding loop is `generate_speculative` itself - the same code as in-process, only the draft's
 half of every rendezvous crosses gRPC:
 
+    open (deferred) ----------------------------------------------> draft prefills the prompt
+    target prefill (meanwhile)
+    first token ----------------------------------------------------> window 0
     target.prefix -> signal ---- send_signal (returns at once) ----> draft expands branches
     target.suffix (meanwhile)
     verdict --------------------- send_verdict (waits) ------------> draft: stop, hit/miss
@@ -35,8 +38,19 @@ class RemoteDraftPipeline:
         self.client, self.spec, self.params = client, spec, params
         self.drafter = self
         self._stats: DraftStats | None = None
+        self._begun: list[int] | None = None  # the prompt of a deferred open
+
+    def begin(self, prompt: list[int]) -> None:
+        """Open the session before the target's prefill: the draft prefills the prompt meanwhile."""
+        self.client.open(prompt, None, 0, self.spec, self.params)
+        self._begun = list(prompt)
 
     def start(self, ctx: list[int], gamma: int) -> DraftWindow:
+        begun, self._begun = self._begun, None
+        if begun is not None:
+            if begun == ctx[:-1]:
+                return self.client.first(ctx[-1], gamma)
+            self.client.cancel()  # another prompt after all: a fresh session
         return self.client.open(ctx[:-1], ctx[-1], gamma, self.spec, self.params)
 
     def prepare(self) -> None:

@@ -76,11 +76,21 @@ class DegradingDraftPipeline(RemoteDraftPipeline):
         self.client = None
         return DraftWindow([])
 
-    def start(self, ctx: list[int], gamma: int) -> DraftWindow:
+    def begin(self, prompt: list[int]) -> None:
         try:
             self.client = self.connect()
+            super().begin(prompt)  # returns at once: the draft prefills while the target does
+        except Exception as e:
+            self._fail("open", e)
+
+    def start(self, ctx: list[int], gamma: int) -> DraftWindow:
+        if self.degraded is not None:
+            return DraftWindow([])
+        try:
+            if self.client is None:
+                self.client = self.connect()
             deadline, self.client.reply_timeout = self.client.reply_timeout, OPEN_TIMEOUT_S
-            w = super().start(ctx, gamma)  # the first window: includes the draft's prompt prefill
+            w = super().start(ctx, gamma)  # the first window: waits for the draft's prompt prefill
             self.client.reply_timeout = deadline
             return w
         except Exception as e:

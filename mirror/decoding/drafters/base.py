@@ -86,6 +86,10 @@ class Drafter:
         self.ctx = list(ctx)
         self.window = DraftWindow([])
 
+    def warm(self, prompt: list[int]) -> None:
+        """The prompt, before the first token is known (the target is still prefilling): work
+        `start(prompt + [root])` can then skip. A network draft prefills the prompt's KV here."""
+
     def propose(self, gamma: int) -> DraftWindow:
         raise NotImplementedError
 

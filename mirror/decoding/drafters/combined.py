@@ -25,6 +25,9 @@ class CombinedDrafter(Drafter):
         self.net.start(ctx)
         self.by_source = {"ngram": 0, self.net.name: 0}
 
+    def warm(self, prompt: list[int]) -> None:
+        self.net.warm(prompt)  # the n-gram index is built in start (cheap)
+
     def totals(self):
         t = DraftStats(computed=self.ngram.stats.computed + self.net.stats.computed,
                        used=self.ngram.stats.used + self.net.stats.used,

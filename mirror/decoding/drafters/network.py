@@ -143,6 +143,7 @@ class NetworkDrafter(Drafter):
         self.buf = net.new_branch_buffer(self.cache, max_rows, gamma_max + 2)
         self.max_rows = max_rows
         self.kv = 0
+        self._warm: list[int] | None = None  # the prompt warm() prefilled
         self.gen = params.generator()
         self.positions = torch.arange(self.cache.max_len)[None]
         self._branches: dict = {}
@@ -155,11 +156,22 @@ class NetworkDrafter(Drafter):
         self._pre_rows = 0
 
     def start(self, ctx: list[int]) -> None:
+        warm, self._warm = self._warm, None
         super().start(ctx)
         self.kv = 0
         self.cache.reset()
+        if warm is not None and len(warm) < len(ctx) and ctx[:len(warm)] == warm:
+            self.kv = len(warm)  # the prompt's KV from warm(): only the root is left to feed
+            self.cache.set_length(0, self.kv)
         self.gen = self.params.generator()
         self._reset_window_state()
+
+    @torch.inference_mode()
+    def warm(self, prompt: list[int]) -> None:
+        self.start(prompt)
+        if prompt:
+            self._feed(prompt, 0)
+        self._warm = list(prompt)
 
     def _reset_window_state(self) -> None:
         self._branches = {}

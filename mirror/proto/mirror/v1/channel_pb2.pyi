@@ -73,7 +73,7 @@ class DraftSampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("session_id", "prompt_ids", "first_token", "gamma", "spec", "sampling", "ack_signals")
+    __slots__ = ("session_id", "prompt_ids", "first_token", "gamma", "spec", "sampling", "ack_signals", "defer_first")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class Open(_message.Message):
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     ACK_SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    DEFER_FIRST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     first_token: int
@@ -88,7 +89,16 @@ class Open(_message.Message):
     spec: SpecConfig
     sampling: DraftSampling
     ack_signals: bool
-    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., gamma: _Optional[int] = ..., spec: _Optional[_Union[SpecConfig, _Mapping]] = ..., sampling: _Optional[_Union[DraftSampling, _Mapping]] = ..., ack_signals: _Optional[bool] = ...) -> None: ...
+    defer_first: bool
+    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., gamma: _Optional[int] = ..., spec: _Optional[_Union[SpecConfig, _Mapping]] = ..., sampling: _Optional[_Union[DraftSampling, _Mapping]] = ..., ack_signals: _Optional[bool] = ..., defer_first: _Optional[bool] = ...) -> None: ...
+
+class First(_message.Message):
+    __slots__ = ("token", "gamma")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    token: int
+    gamma: int
+    def __init__(self, token: _Optional[int] = ..., gamma: _Optional[int] = ...) -> None: ...
 
 class EarlyExitSignal(_message.Message):
     __slots__ = ("step", "kappa", "top_ids", "top_logprobs")
@@ -123,18 +133,20 @@ class Close(_message.Message):
     def __init__(self) -> None: ...
 
 class TargetMessage(_message.Message):
-    __slots__ = ("open", "signal", "verdict", "cancel", "close")
+    __slots__ = ("open", "signal", "verdict", "cancel", "close", "first")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
     open: Open
     signal: EarlyExitSignal
     verdict: Verdict
     cancel: Cancel
     close: Close
-    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., signal: _Optional[_Union[EarlyExitSignal, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
+    first: First
+    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., signal: _Optional[_Union[EarlyExitSignal, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., first: _Optional[_Union[First, _Mapping]] = ...) -> None: ...
 
 class DraftWindow(_message.Message):
     __slots__ = ("step", "ids", "probs", "vocab_size", "source")
