@@ -8,6 +8,10 @@ gamma (replayed from those predictions: the int8 copy is a context-only draft), 
 step's time against a target step (window of gamma + 1) at one thread.
 
     python -m benchmarks.int8_draft --out runs/int8_draft        # ~6 min on 2 cores
+
+With `--onnx DIR` (an export of the int8 draft: `mirror export-draft --draft model --draft-model
+target --draft-quant int8 --int8-calib bundled --max-len 1024 --out DIR`), the same figures for
+the ONNX Runtime int8 graphs (CPU execution provider, one thread), beside the PyTorch ones.
 """
 from __future__ import annotations
 
@@ -22,10 +26,8 @@ from tqdm import tqdm
 from benchmarks.feature_draft import corpus, replay_context_draft
 
 
-def predictions(model, data: list[dict]) -> tuple[list[list[int]], float]:
-    from mirror.decoding.drafters.network import DraftNet
-
-    net = DraftNet.from_model(model)
+def predictions(net, data: list[dict]) -> tuple[list[list[int]], float]:
+    """Teacher-forced top-1 of a DraftNet (or OrtDraftNet) over each answer."""
     preds, hit, total = [], 0, 0
     with torch.inference_mode():
         for r in tqdm(data, desc="teacher-forced", unit="answer", leave=False):
@@ -72,6 +74,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--context", type=int, default=512, help="cached positions for the timing")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the agreement pass (timing: 1)")
+    ap.add_argument("--onnx", default=None, help="also measure this exported int8 draft under ONNX Runtime")
     args = ap.parse_args(argv)
     for name in ("holdout", "gamma", "context", "reps", "threads"):
         if getattr(args, name) <= 0:
@@ -80,6 +83,8 @@ def main(argv=None) -> dict:
         ap.error(f"training prompts not found: {args.data} (pass --data)")
     if any(not 0 < a <= 1 for a in args.alphas):
         ap.error("--alphas must be in (0, 1]")
+    if args.onnx is not None and not (Path(args.onnx) / "draft.json").is_file():
+        ap.error(f"--onnx {args.onnx}: no exported draft there (mirror export-draft ... --draft-quant int8)")
     torch.set_num_threads(args.threads)
     lm = load_model(None)
     t = lm.model
@@ -93,21 +98,30 @@ def main(argv=None) -> dict:
     res = {"holdout": args.holdout, "holdout_skip": args.holdout_skip, "gamma": args.gamma,
            "calib": args.calib, "calib_meta": meta, "answer_tokens": sum(len(r["ids"]) - r["n_prompt"] for r in hold),
            "variants": {}}
-    for name, m in variants.items():
-        preds, agree = predictions(m, hold)
+    from mirror.decoding.drafters.network import DraftNet
+
+    nets = {name: DraftNet.from_model(m) for name, m in variants.items()}
+    if args.onnx is not None:
+        from mirror.onnx.runtime import OrtDraftNet
+
+        nets["int8, ONNX Runtime (CPU EP)"] = OrtDraftNet(args.onnx, target_cfg=t.cfg)
+    for name, net in nets.items():
+        preds, agree = predictions(net, hold)
         res["variants"][name] = {"top1_agreement": agree, "tau": replay_context_draft(preds, hold, args.gamma)}
         print(f"{name:58s} agreement {agree:.3f}  tau {res['variants'][name]['tau']:.2f}", flush=True)
     torch.set_num_threads(1)
     G = args.gamma
     res["target_step_ms"] = forward_ms(t, args.context, G + 1, args.reps)
-    best = max(res["variants"], key=lambda k: res["variants"][k]["top1_agreement"])
-    from mirror.decoding.drafters.network import DraftNet
-
-    ms = forward_ms(DraftNet.from_model(variants[best]), args.context, 1, args.reps)
+    best = max(variants, key=lambda k: res["variants"][k]["top1_agreement"])
+    ms = forward_ms(nets[best], args.context, 1, args.reps)
     res["draft_ms_per_token"] = ms
     res["draft_ratio_to_target_step"] = ms / res["target_step_ms"]
     print(f"target step (window of {G + 1}, 1 thread): {res['target_step_ms']:.1f} ms; int8 draft token: {ms:.1f} ms "
           f"= {res['draft_ratio_to_target_step']:.3f} of a target step")
+    if args.onnx is not None:
+        ms = forward_ms(nets["int8, ONNX Runtime (CPU EP)"], args.context, 1, args.reps)
+        res["onnx_draft_ms_per_token"] = ms
+        print(f"ONNX Runtime int8 draft token: {ms:.1f} ms = {ms / res['target_step_ms']:.3f} of a target step")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=2))
     try:

@@ -485,7 +485,8 @@ def cmd_export_draft(args) -> int:
     try:
         spec = SpecConfig(method="mirror", draft=args.draft, draft_layers=args.draft_layers,
                           draft_model=args.draft_model, adapter=args.adapter, vocab_trim=args.vocab_trim,
-                          streams=args.streams, stream_layers=args.stream_layers)
+                          streams=args.streams, stream_layers=args.stream_layers, draft_quant=args.draft_quant,
+                          int8_calib=args.int8_calib)
     except ValueError as e:
         _die(str(e))
     try:
@@ -498,7 +499,7 @@ def cmd_export_draft(args) -> int:
         meta = export_from_spec(lm.model, spec, args.out, kind=args.draft, rows=args.rows,
                                 step_width=args.step_width, window_width=args.window_width, max_len=args.max_len,
                                 branch_slots=args.branch_slots, opset=args.opset)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         _die(str(e))
     if args.json:
         print(json.dumps(meta))
@@ -507,10 +508,14 @@ def cmd_export_draft(args) -> int:
     print(f"exported {args.draft} draft ({meta['draft']['cache_layers']} layers, vocab {sh['vocab']}) to "
           f"{args.out} in {time.perf_counter() - t0:.1f} s")
     print(f"  rows {sh['rows']}, step widths {sh['step_widths']}, max_len {sh['max_len']}, branch slots "
-          f"{sh['branch_slots']}, {meta['dtype']}, opset {meta['opset']}")
+          f"{sh['branch_slots']}, {meta['dtype']}{', int8 weights' if meta.get('quant') else ''}, opset {meta['opset']}")
     for g in meta["graphs"].values():
         print(f"  {g['file']}")
-    print(f"  {meta['weights']['file']} ({meta['weights']['bytes'] / 1e6:.1f} MB, shared by all graphs)")
+    w = meta["weights"]
+    if w.get("per_graph"):
+        print(f"  {', '.join(w['files'].values())} ({w['bytes'] / 1e6:.1f} MB in all: int8 weights, one file per graph)")
+    else:
+        print(f"  {w['file']} ({w['bytes'] / 1e6:.1f} MB, shared by all graphs)")
     if meta["vocab_trim"]:
         print(f"  {meta['vocab_trim']['file']} ({meta['vocab_trim']['size']} tokens)")
     print("  draft.json (metadata)")
@@ -761,6 +766,10 @@ def main(argv=None) -> int:
     e.add_argument("--vocab-trim", default=None, help="VocabTrim token set (JSON): trimmed head")
     e.add_argument("--streams", type=int, default=0, help="speculative-streaming streams (default 2)")
     e.add_argument("--stream-layers", type=int, default=1)
+    e.add_argument("--draft-quant", default="none", choices=["none", "int8"],
+                   help="int8: export the model draft as dynamic-int8 graphs (e.g. --draft model --draft-model target)")
+    e.add_argument("--int8-calib", default=None,
+                   help="SmoothQuant statistics for an int8 draft (mirror calibrate-int8); 'bundled': the default model's")
     e.add_argument("--rows", type=int, default=8, help="hypothesis rows R of the branch graph")
     e.add_argument("--step-width", type=int, default=64, help="tokens T per chunk call (a 1-token graph is added)")
     e.add_argument("--window-width", type=int, default=8,

@@ -380,3 +380,87 @@ def test_token_channel_carries_a_spec_with_an_onnx_backend():
                       onnx_providers=[QNN], onnx_strict=True)
     back = spec_from_proto(spec_to_proto(spec))
     assert (back.draft, back.draft_layers, back.draft_backend, back.onnx_dir) == ("self", 3, "torch", None)
+
+
+# --- int8 drafts ---------------------------------------------------------------------------
+def _int8_setup(tmp_path):
+    """A tiny target, SmoothQuant statistics for it, and an int8 spec drafting with its own copy."""
+    from helpers import byte_tokenizer, tiny_model
+    from mirror.models.quant import calibrate_act_max, save_calibration
+
+    target, tok = tiny_model("tiny", seed=3), byte_tokenizer()
+    seqs = [list(torch.randint(1, 256, (40,), generator=torch.Generator().manual_seed(s)).tolist()) for s in range(4)]
+    calib = str(tmp_path / "calib.safetensors")
+    save_calibration(calib, calibrate_act_max(target, seqs, progress=False), {"alpha": 0.85})
+    kw = dict(method="mirror", draft="model", draft_model="target", draft_quant="int8", int8_calib=calib,
+              gamma=3, kappa=4, budget=4, branch_batch=4)
+    return target, tok, calib, kw
+
+
+def test_int8_draft_is_exported_as_dynamic_int8_graphs_on_first_use_and_lossless(tmp_path, monkeypatch):
+    """draft_quant=int8 with the ONNX backend: the smoothed fp32 copy is exported and every
+    weight MatMul quantized (DynamicQuantizeLinear + MatMulInteger); its logits stay near the
+    fp32 model's (smoothing is exact, quantization small) and decoding stays lossless."""
+    from dataclasses import replace
+
+    from mirror.decoding.factory import build_draft_net
+    from mirror.onnx.export import export_net
+
+    monkeypatch.setenv("MIRROR_ONNX_CACHE", str(tmp_path / "cache"))
+    target, tok, calib, kw = _int8_setup(tmp_path)
+    spec = SpecConfig(draft_backend="onnx", onnx_max_len=128, **kw)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    for prompt in ([5, 6, 7, 8], list(b"hello world")):
+        res = generate(target, tok, prompt, params, spec)
+        assert res.ids == generate(target, tok, prompt, params).ids
+        assert res.metrics.draft_tokens_computed > 0
+    (folder,) = (tmp_path / "cache").iterdir()
+    meta = read_metadata(str(folder))
+    assert meta["quant"]["mode"] == "int8" and meta["weights"]["per_graph"]
+    assert meta["quant"]["int8_calib"]["file"] == calib and not (folder / "weights.bin").exists()
+    n_linear = 3 * len(target.layers) + len(target.layers) + 1  # wqkv, wo, w13, w2 per layer + head
+    for g in meta["graphs"].values():
+        m = onnx.load(str(folder / g["file"]), load_external_data=False)
+        inits = {i.name for i in m.graph.initializer}
+        ops = [n.op_type for n in m.graph.node]
+        assert ops.count("MatMulInteger") == n_linear and ops.count("DynamicQuantizeLinear") == n_linear
+        assert not [n for n in m.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
+    nets = {"ort": build_draft_net(target, spec, "model"),
+            "torch": build_draft_net(target, replace(spec, draft_backend="torch"), "model"),  # int8 on torch
+            "smoothed": export_net(target, spec, "model"),  # the smoothed fp32 copy: the target's function
+            "fp32": DraftNet.from_model(target)}
+    toks = torch.randint(1, 256, (1, 24), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        out = {k: n(toks, torch.arange(24)[None], n.new_cache(1, 128), kv_len=24)[0] for k, n in nets.items()}
+    ref = out["fp32"]
+    err = {k: float((v - ref).abs().mean()) for k, v in out.items()}
+    assert err["smoothed"] <= 1e-4 * float(ref.abs().mean())
+    assert 0 < err["ort"] <= 2 * err["torch"]  # as close to the target as the PyTorch int8 draft
+
+
+def test_an_int8_export_must_match_the_spec(tmp_path):
+    from mirror.onnx.export import export_from_spec, export_net
+
+    target, _, calib, kw = _int8_setup(tmp_path)
+    spec = SpecConfig(**kw)
+    d = str(tmp_path / "onnx")
+    meta = export_from_spec(target, spec, d, rows=2, step_width=4, window_width=4, max_len=64)
+    net = export_net(target, spec, "model")
+    check_net(meta, net, "model", spec)
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="quantization 'int8' != draft_quant 'none'"):
+        check_net(meta, net, "model", replace(spec, draft_quant="none", int8_calib=None))
+    other = str(tmp_path / "other.safetensors")
+    shutil.copy(calib, other)
+    with open(other, "ab") as f:
+        f.write(b" ")  # another file: another hash
+    with pytest.raises(ValueError, match="int8 calibration is not the one exported"):
+        check_net(meta, net, "model", replace(spec, int8_calib=other))
+
+
+def test_export_draft_cli_refuses_int8_for_a_draft_without_its_own_model(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["export-draft", "--draft", "self", "--draft-quant", "int8", "--out", str(tmp_path / "x")])
+    assert e.value.code not in (0, None)
+    assert "draft_quant applies to a 'model' draft" in capsys.readouterr().err

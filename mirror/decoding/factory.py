@@ -29,28 +29,42 @@ _DRAFT_MODELS: dict[tuple, Transformer] = {}
 def load_draft_model(path: str, target: Transformer, quant: str = "none", int8_calib: str | None = None) -> Transformer:
     """A separate draft model: a GGUF / Hugging Face path, or "target" (the target's own weights);
     with quant="int8" an int8 copy, SmoothQuant-smoothed with the `int8_calib` statistics."""
-    from ..models.loader import load_model
-
     key = (path if path != "target" else ("target", id(target)), quant, int8_calib)
     if key not in _DRAFT_MODELS:
-        if path == "target":
-            dm = target
-        else:
-            dm = load_model(path, dtype=target.dtype, tokenizer=False).model
-            if dm.cfg.vocab_size != target.cfg.vocab_size:
-                raise ValueError(f"draft model {path} has vocab {dm.cfg.vocab_size}, the target "
-                                 f"{target.cfg.vocab_size}: a draft must share the target's tokenizer")
         if quant != "none":
-            from ..models.bundled import resolve_artifact
-            from ..models.quant import DEFAULT_ALPHA, load_calibration, smoothed_copy
+            from ..models.quant import quantized_copy
 
-            act, meta = load_calibration(resolve_artifact(int8_calib, "int8_calib")) if int8_calib else (None, {})
-            dm = smoothed_copy(dm, act, alpha=float(meta.get("alpha", DEFAULT_ALPHA)), mode=quant)
+            dm = quantized_copy(smoothed_draft_model(path, target, int8_calib), mode=quant)
         elif path == "target":
             raise ValueError("draft_model=target without draft_quant is the target itself: "
                              "set draft_quant=int8 for an int8 copy")
+        else:
+            dm = _separate_model(path, target)
         _DRAFT_MODELS[key] = dm
     return _DRAFT_MODELS[key]
+
+
+def smoothed_draft_model(path: str, target: Transformer, int8_calib: str | None) -> Transformer:
+    """The fp32 model an int8 draft quantizes: the draft model (or the target's weights), smoothed
+    with the `int8_calib` SmoothQuant statistics (none: as it is). Not cached: quantize it."""
+    dm = target if path == "target" else _separate_model(path, target)
+    if not int8_calib:
+        return dm
+    from ..models.bundled import resolve_artifact
+    from ..models.quant import DEFAULT_ALPHA, load_calibration, smoothed_model
+
+    act, meta = load_calibration(resolve_artifact(int8_calib, "int8_calib"))
+    return smoothed_model(dm, act, alpha=float(meta.get("alpha", DEFAULT_ALPHA)))
+
+
+def _separate_model(path: str, target: Transformer) -> Transformer:
+    from ..models.loader import load_model
+
+    dm = load_model(path, dtype=target.dtype, tokenizer=False).model
+    if dm.cfg.vocab_size != target.cfg.vocab_size:
+        raise ValueError(f"draft model {path} has vocab {dm.cfg.vocab_size}, the target "
+                         f"{target.cfg.vocab_size}: a draft must share the target's tokenizer")
+    return dm
 
 
 def distilled_trim(draft_model: str) -> str | None:
@@ -71,12 +85,7 @@ def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNe
     (an OrtDraftNet, which NetworkDrafter drives the same way)."""
     from .artifacts import load_draft_artifact
 
-    if spec.draft_backend == "onnx" and spec.draft_quant != "none" and kind == "model":
-        if spec.onnx_strict:
-            raise ValueError("an int8 draft has no ONNX export yet; with onnx_strict it cannot run")
-        log.warning("int8 drafts run on PyTorch's quantized CPU kernels (no ONNX Runtime export of "
-                    "them yet): the draft uses the torch backend")
-    elif spec.draft_backend == "onnx":
+    if spec.draft_backend == "onnx":
         from ..onnx.runtime import ort_draft_for_spec
 
         return ort_draft_for_spec(target, spec, kind)

@@ -146,20 +146,41 @@ def smoothed_copy(model: nn.Module, act_max: dict[str, torch.Tensor] | None, alp
     is left untouched; embedding and RoPE tables are shared with it."""
     if act_max is None:
         return quantized_copy(model, mode)
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown draft quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    return quantized_copy(smoothed_model(model, act_max, alpha), mode)
+
+
+def smoothed_model(model: nn.Module, act_max: dict[str, torch.Tensor], alpha: float = DEFAULT_ALPHA) -> nn.Module:
+    """The SmoothQuant-smoothed fp32 copy of a Transformer: the same function (exact up to fp32
+    rounding), with activation outliers moved into the weights - what `smoothed_copy` quantizes,
+    and what the ONNX export of an int8 draft quantizes (export.quantize_export). The q/k/v,
+    gate/up and LM head inputs are divided by s through the preceding RMSNorm's weight, the down
+    projection's through the up projection's rows; wo is left as it is (GQA ties its input
+    channels to v's). New Linears hold the smoothed weights; the rest is shared with `model`."""
     missing = [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in ("wqkv", "w13", "w2")
                if f"layers.{i}.{n}" not in act_max] + ([] if "lm_head" in act_max else ["lm_head"])
     if missing:
         raise ValueError(f"int8 calibration does not match this model (no statistics for {missing[0]}"
                          f"{' and %d more' % (len(missing) - 1) if len(missing) > 1 else ''})")
-    # wo is quantized plainly (GQA ties its input channels to v's); the rest is smoothed below
-    q = quantized_copy(model, mode, skip=("wqkv", "w13", "w2", "lm_head"))
-    for i, (b, bt) in enumerate(zip(q.layers, model.layers)):
+
+    def linear(w: torch.Tensor, like: nn.Module) -> Linear:
+        lin = Linear(w.shape[1], w.shape[0], bias=getattr(like, "bias", None) is not None, dtype=like.weight.dtype)
+        lin.weight = nn.Parameter(w.to(like.weight.dtype), requires_grad=False)
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(like.bias.detach().clone(), requires_grad=False)
+        return lin
+
+    q = _shallow_copy(model)
+    q.layers = nn.ModuleList()
+    for i, bt in enumerate(model.layers):
         if act_max[f"layers.{i}.wqkv"].numel() != bt.wqkv.in_features:
             raise ValueError(f"int8 calibration does not match this model (layer {i} width)")
+        b = _shallow_copy(bt)
         w = bt.wqkv.weight.detach().float()
         s = _smooth(act_max[f"layers.{i}.wqkv"], w, alpha)
         b.attn_norm = _norm_copy(bt.attn_norm, s)
-        b.wqkv = QuantLinear((w * s).to(bt.wqkv.weight.dtype), bt.wqkv.bias)
+        b.wqkv = linear(w * s, bt.wqkv)
         w13 = bt.w13.weight.detach().float()
         s = _smooth(act_max[f"layers.{i}.w13"], w13, alpha)
         b.ffn_norm = _norm_copy(bt.ffn_norm, s)
@@ -167,14 +188,21 @@ def smoothed_copy(model: nn.Module, act_max: dict[str, torch.Tensor] | None, alp
         w2 = bt.w2.weight.detach().float()
         s2 = _smooth(act_max[f"layers.{i}.w2"], w2, alpha)
         f = w2.shape[1]
-        w13 = torch.cat([w13[:f], w13[f:] / s2[:, None]])  # silu(gate) * (up / s2): exact
-        b.w13 = QuantLinear(w13.to(bt.w13.weight.dtype))
-        b.w2 = QuantLinear((w2 * s2).to(bt.w2.weight.dtype))
+        b.w13 = linear(torch.cat([w13[:f], w13[f:] / s2[:, None]]), bt.w13)  # silu(gate) * (up / s2): exact
+        b.w2 = linear(w2 * s2, bt.w2)
+        q.layers.append(b)
     w = model.lm_head.weight.detach().float()
     s = _smooth(act_max["lm_head"], w, alpha)
     q.norm = _norm_copy(model.norm, s)
-    q.lm_head = QuantLinear((w * s).to(model.lm_head.weight.dtype))
+    q.lm_head = linear(w * s, model.lm_head)
     return q
+
+
+def _shallow_copy(m: nn.Module) -> nn.Module:
+    """A module sharing `m`'s parameters, buffers and submodules, whose own entries can be replaced."""
+    c = copy.copy(m)
+    c._parameters, c._buffers, c._modules = dict(m._parameters), dict(m._buffers), dict(m._modules)
+    return c
 
 
 def save_calibration(path: str, act_max: dict[str, torch.Tensor], meta: dict) -> None:

@@ -10,6 +10,17 @@ One folder per export:
     weights.bin       every weight once, shared by all graphs (ONNX external data)
     vocab_trim.json   the VocabTrim token set, when the head is trimmed
 
+An int8 draft (draft_quant=int8: the SmoothQuant-smoothed copy of the target or of a draft
+model) is exported from its smoothed fp32 weights, then each graph is quantized by ONNX
+Runtime's dynamic quantizer: every MatMul with a constant weight becomes DynamicQuantizeLinear
+(activations: uint8, one scale per call) + MatMulInteger (weights: uint8 with a scale and zero
+point per output channel). Not int8 weights as in the PyTorch draft (models/quant.py): on CPUs
+without VNNI, ONNX Runtime's u8 x s8 kernels saturate their 16-bit intermediate sums, and the
+int8-weight graphs agreed with the target far less (tau 1.9 against 4.1 for uint8 weights on a
+test prompt; 3.0 with 7-bit weights). The graphs are then
+`<name>.int8.onnx`, each with its own `<name>.int8.onnx.data` (the quantizer writes one
+external-data file per graph), and weights.bin is gone.
+
 Graph math and the KV contract (graphs read the static caches, return only new entries) are
 in graphs.py; `OrtDraftNet` (runtime.py) drives the folder.
 """
@@ -166,7 +177,7 @@ def graph_plan(net, rows: int, step_widths: list[int], max_len: int, branch_slot
 
 def export_draft(net, out_dir: str, *, target_cfg=None, kind: str = "self", rows: int = 8,
                  step_width: int = 64, window_width: int = 8, max_len: int = 2048, branch_slots: int = 18,
-                 opset: int | None = None, source: dict | None = None) -> dict:
+                 opset: int | None = None, source: dict | None = None, quant: dict | None = None) -> dict:
     """Export `net` (a DraftNet) into `out_dir`; returns the metadata written to draft.json.
 
     rows: hypothesis rows R of the branch graph; step_width: T of the chunk graph (prompt
@@ -174,8 +185,12 @@ def export_draft(net, out_dir: str, *, target_cfg=None, kind: str = "self", rows
     it (what a draft feeds per step; capped at step_width); a 1-token graph is always exported
     too. max_len: cache positions S; branch_slots: W, own-token slots per hypothesis row
     (>= gamma). `source` records where the draft came from (layers, adapter, draft model, vocab
-    trim file)."""
+    trim file). `quant`: {"mode": "int8", ...} quantizes the exported graphs (see the module doc;
+    the rest of the dict is recorded in draft.json)."""
     import onnx
+
+    if quant is not None and quant.get("mode") != "int8":
+        raise ValueError(f"unknown export quantization {quant.get('mode')!r}; only int8 is supported")
 
     for name, v, lo in (("rows", rows, 1), ("step_width", step_width, 1), ("window_width", window_width, 1),
                         ("max_len", max_len, 2), ("branch_slots", branch_slots, 1)):
@@ -200,6 +215,9 @@ def export_draft(net, out_dir: str, *, target_cfg=None, kind: str = "self", rows
             graphs[name] = {"file": f"{name}.onnx", "kind": name.split("_")[0], **_signature(model)}
     finally:
         n_bytes = store.close()
+    weights = {"file": WEIGHTS_FILE, "bytes": n_bytes, "sha256": _file_sha256(str(out / WEIGHTS_FILE))}
+    if quant is not None:
+        weights = quantize_graphs(out, graphs)
     keep = getattr(net, "keep_ids", None)
     vocab_trim = None
     if keep is not None:
@@ -232,7 +250,8 @@ def export_draft(net, out_dir: str, *, target_cfg=None, kind: str = "self", rows
         "opset": max(opsets) if opsets else None,
         "versions": _versions(),
         "target": config_fingerprint(target_cfg if target_cfg is not None else net.cfg),
-        "weights": {"file": WEIGHTS_FILE, "bytes": n_bytes, "sha256": _file_sha256(str(out / WEIGHTS_FILE))},
+        "weights": weights,
+        "quant": ({**quant, "scheme": QUANT_SCHEME} if quant is not None else None),
         "graphs": graphs,
         "export_s": round(time.perf_counter() - t0, 2),
     }
@@ -240,6 +259,40 @@ def export_draft(net, out_dir: str, *, target_cfg=None, kind: str = "self", rows
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out / META_FILE)  # draft.json last: a folder with it is a finished export
     return meta
+
+
+QUANT_SCHEME = ("onnxruntime dynamic quantization: MatMul -> DynamicQuantizeLinear (uint8 activations, "
+                "per call) + MatMulInteger (uint8 weights, asymmetric, per output channel)")
+
+
+def quantize_graphs(out: Path, graphs: dict) -> dict:
+    """Quantize every exported graph in `out` (fp32, weights in weights.bin) to dynamic int8;
+    updates `graphs` to the new files, removes the fp32 ones; returns draft.json's "weights"."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as e:
+        raise ImportError(f"{e}: exporting an int8 draft needs onnxruntime (pip install 'mirror-sd[onnx]')") from e
+    files, total = {}, 0
+    for name, g in graphs.items():
+        src, dst = out / g["file"], out / f"{name}.int8.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quiet = logging.getLogger()  # the quantizer logs "consider pre-processing" per graph
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QUInt8,
+                                 op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                                 extra_options={"MatMulConstBOnly": True})
+            finally:
+                quiet.setLevel(level)
+        src.unlink()
+        data = dst.name + ".data"
+        files[name] = data
+        total += (out / data).stat().st_size
+        g["file"] = dst.name
+    (out / WEIGHTS_FILE).unlink()
+    return {"files": files, "bytes": total, "per_graph": True}
 
 
 def read_metadata(model_dir: str) -> dict:
@@ -260,7 +313,7 @@ def draft_source(spec, kind: str, layers: int | None) -> dict:
     """What the draft was built from, as recorded in draft.json."""
     src = {"layers": layers}
     if kind == "model":
-        src["draft_model"] = os.path.abspath(spec.draft_model)
+        src["draft_model"] = "target" if spec.draft_model == "target" else os.path.abspath(spec.draft_model)
     if spec.adapter:
         src["adapter"] = {"file": os.path.abspath(spec.adapter), "sha256": _file_sha256(spec.adapter)}
     if spec.vocab_trim:
@@ -284,13 +337,37 @@ def torch_draft_net(target, spec, kind: str):
     return build_draft_net(target, dataclasses.replace(spec, draft_backend="torch"), kind)
 
 
+def export_net(target, spec, kind: str):
+    """The PyTorch DraftNet to export for a SpecConfig: the draft itself, or for an int8 draft
+    (draft_quant) its smoothed fp32 weights, which the export then quantizes."""
+    if spec.draft_quant == "none" or kind != "model":
+        return torch_draft_net(target, spec, kind)
+    from ..decoding.drafters.network import DraftNet
+    from ..decoding.factory import smoothed_draft_model
+
+    return DraftNet.from_model(smoothed_draft_model(spec.draft_model, target, spec.int8_calib))
+
+
+def export_quant(spec) -> dict | None:
+    """draft.json's "quant" entry for a SpecConfig's draft (None: not quantized)."""
+    if spec.draft_quant == "none":
+        return None
+    calib = None
+    if spec.int8_calib:
+        from ..models.bundled import resolve_artifact
+
+        path = resolve_artifact(spec.int8_calib, "int8_calib")
+        calib = {"file": os.path.abspath(path), "sha256": _file_sha256(path)}
+    return {"mode": spec.draft_quant, "int8_calib": calib}
+
+
 def export_from_spec(target, spec, out_dir: str, kind: str | None = None, net=None, **shapes) -> dict:
     """Build the draft a SpecConfig describes (self / model / streaming) and export it."""
     kind = kind or network_kind(spec)
-    net = net or torch_draft_net(target, spec, kind)
+    net = net or export_net(target, spec, kind)
     layers = None if kind == "model" else len(net.blocks) - (1 if _has_adapter(net, target) else 0)
     return export_draft(net, out_dir, target_cfg=target.cfg, kind=kind,
-                        source=draft_source(spec, kind, layers), **shapes)
+                        source=draft_source(spec, kind, layers), quant=export_quant(spec), **shapes)
 
 
 def cache_root() -> Path:
@@ -314,9 +391,10 @@ def cached_export(target, spec, kind: str | None = None, rows: int | None = None
     versions, so a changed draft never reuses a stale export."""
     kind = kind or network_kind(spec)
     rows, max_len = rows or spec.branch_batch, max_len or spec.onnx_max_len
-    net = torch_draft_net(target, spec, kind)
+    net = export_net(target, spec, kind)
     v = _versions()
     key = {"target": config_fingerprint(target.cfg), "weights": _weights_sha256(net), "kind": kind,
+           "quant": spec.draft_quant, "ort": v.get("onnxruntime") if spec.draft_quant != "none" else None,
            "streams": [spec.streams, spec.stream_layers] if kind == "streaming" else None,
            "shapes": [rows, step_width, window_width, max_len], "format": VERSION,
            "versions": [v["torch"], v["onnx"], v["onnxscript"], v["mirror_sd"]]}
@@ -349,6 +427,15 @@ def check_net(meta: dict, net, kind: str, spec=None) -> None:
     d, diffs = meta["draft"], []
     if d["kind"] != kind:
         diffs.append(f"kind {d['kind']!r} != {kind!r}")
+    if spec is not None:
+        have = (meta.get("quant") or {}).get("mode", "none")
+        if have != spec.draft_quant:
+            diffs.append(f"quantization {have!r} != draft_quant {spec.draft_quant!r}")
+        if have == spec.draft_quant != "none":
+            got = ((meta.get("quant") or {}).get("int8_calib") or {}).get("sha256")
+            want = ((export_quant(spec) or {}).get("int8_calib") or {}).get("sha256")
+            if got != want:
+                diffs.append("the spec's int8 calibration is not the one exported")
     ids = [b.layer_id for b in net.blocks]
     if d["layer_ids"] != ids:
         diffs.append(f"draft layers {d['layer_ids']} != {ids}")
