@@ -24,7 +24,8 @@ class SpecConfig:
     draft_layers: int = 4  # self-draft: target layers [0, k)
     draft_model: str | None = None  # separate draft: GGUF / HF path sharing the target's tokenizer;
     # "target": a copy of the target itself (with draft_quant, an int8 copy)
-    # A 'model' draft's linear layers as int8 (models/quant.py): "none" or "int8". int8_calib: the
+    # A 'model' draft's linear layers as int8 (models/quant.py; with draft_backend="onnx", ONNX
+    # Runtime MatMulInteger graphs - onnx/export.py): "none" or "int8". int8_calib: the
     # SmoothQuant activation statistics (`mirror calibrate-int8`; "bundled" for the bundled model;
     # None: plain int8, much less accurate)
     draft_quant: str = "none"

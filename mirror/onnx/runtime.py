@@ -34,11 +34,13 @@ _NP = {"float32": np.float32, "int64": np.int64}
 class _Graph:
     """One session with its IO binding: inputs bound per call by pointer, outputs bound once."""
 
-    def __init__(self, path: str, sig: dict, requests, strict: bool, intra: int, inter: int):
+    def __init__(self, path: str, sig: dict, requests, strict: bool, intra: int, inter: int,
+                 quantized: bool = False):
         # CPU weight prepacking copies every matrix per session (~2x the weights each); it pays
-        # for multi-row GEMMs (branch rows: 30 vs 46 ms at R=8) but not for the 1-token GEMV,
+        # for multi-row GEMMs (branch rows: 30 vs 46 ms at R=8) but not for the fp32 1-token GEMV,
         # which then runs straight from the memory-mapped weights.bin shared by all sessions.
-        gemv = int(np.prod(sig["inputs"]["tokens"]["shape"])) == 1
+        # Int8 graphs (MatMulInteger) need it for one token too: 22 vs 35 ms per bundled-model step.
+        gemv = int(np.prod(sig["inputs"]["tokens"]["shape"])) == 1 and not quantized
         self.sess, self.status = create_session(path, requests, strict=strict, intra_threads=intra,
                                                 inter_threads=inter,
                                                 config={"session.disable_prepacking": "1"} if gemv else None)
@@ -149,7 +151,7 @@ class OrtDraftNet:
         self.graphs: dict[str, _Graph] = {}
         for name, g in meta["graphs"].items():
             self.graphs[name] = _Graph(str(Path(model_dir) / g["file"]), g, self.requests, strict,
-                                       intra_threads, inter_threads)
+                                       intra_threads, inter_threads, quantized=bool(meta.get("quant")))
         first = next(iter(self.graphs.values())).status
         self.status = {
             "requested": [r.to_dict() for r in self.requests],
