@@ -215,9 +215,10 @@ def export_draft(net, out_dir: str, *, target_cfg=None, kind: str = "self", rows
             graphs[name] = {"file": f"{name}.onnx", "kind": name.split("_")[0], **_signature(model)}
     finally:
         n_bytes = store.close()
-    weights = {"file": WEIGHTS_FILE, "bytes": n_bytes, "sha256": _file_sha256(str(out / WEIGHTS_FILE))}
-    if quant is not None:
+    if quant is not None:  # weights.bin is replaced by per-graph int8 files: no need to hash it
         weights = quantize_graphs(out, graphs)
+    else:
+        weights = {"file": WEIGHTS_FILE, "bytes": n_bytes, "sha256": _file_sha256(str(out / WEIGHTS_FILE))}
     keep = getattr(net, "keep_ids", None)
     vocab_trim = None
     if keep is not None:
