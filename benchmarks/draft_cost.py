@@ -8,6 +8,13 @@ Timed on one thread (a pinned core, as in the runtime): a target verification st
 window of gamma+1 tokens, and a draft step (one token) of each network draft kind, at a context
 of --context tokens. The n-gram draft's cost is a dict lookup (also timed). Ratios are draft
 time per token / target step time; the Mirror-SD goal is <= 1/6.
+
+    python -m benchmarks.draft_cost --from-bench runs/X/results.json
+
+The same ratio as it happened in an in-process `mirror bench` run, per `sd` method: all the time
+the target waited for windows (the draft's work, serial in one process) over the tokens drafted,
+against the mean verification step of the same run. For a combined draft (ngram+model) this is
+the mix it chose per step; `windows_by_source` says how many windows each part drafted.
 """
 from __future__ import annotations
 
@@ -24,8 +31,47 @@ def _time(fn, reps: int) -> float:
     return _median_time(fn, reps, warm=3)
 
 
+def from_bench(path: str) -> dict:
+    """Per in-process sd method of a `mirror bench` results.json: draft ms per drafted token, target
+    ms per verification step, their ratio, tau and the windows each draft source made."""
+    with open(path) as f:
+        res = json.load(f)
+    if res["config"].get("runtime") != "inprocess":
+        raise SystemExit(f"{path}: --from-bench reads in-process runs (draft time is serial there); "
+                         f"this one is {res['config'].get('runtime')!r}")
+    acc: dict[str, dict] = {}
+    for q in res["questions"]:
+        for label, mres in q["methods"].items():
+            if not label.startswith("sd"):
+                continue
+            a = acc.setdefault(label, {"draft_s": 0.0, "verify_s": 0.0, "drafted": 0, "steps": 0,
+                                       "accepted": 0, "windows_by_source": {}})
+            for turn in mres["turns"]:
+                m = turn["metrics"]
+                t = m["extra"]["timing"]
+                a["draft_s"] += t["window_s"] + t["first_window_s"]
+                a["verify_s"] += t["verify_s"]
+                a["drafted"] += m["drafted_tokens"]
+                a["steps"] += m["target_steps"]
+                a["accepted"] += m["accepted_tokens"]
+                for k, v in (m["extra"].get("windows_by_source") or {}).items():
+                    a["windows_by_source"][k] = a["windows_by_source"].get(k, 0) + v
+    out = {}
+    for label, a in acc.items():
+        d_ms = 1e3 * a["draft_s"] / max(a["drafted"], 1)
+        t_ms = 1e3 * a["verify_s"] / max(a["steps"], 1)
+        out[label] = {"draft_ms_per_token": d_ms, "target_step_ms": t_ms, "ratio_to_target_step": d_ms / t_ms,
+                      "drafted_tokens": a["drafted"], "target_steps": a["steps"],
+                      "tau": 1 + a["accepted"] / max(a["steps"], 1), "windows_by_source": a["windows_by_source"]}
+        print(f"{label}\n    {d_ms:6.2f} ms per drafted token = {d_ms / t_ms:.3f} of a {t_ms:.1f}-ms target step; "
+              f"tau {out[label]['tau']:.2f}; windows {a['windows_by_source'] or '-'}")
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from-bench", default=None, metavar="RESULTS_JSON",
+                    help="report the cost as measured in an in-process `mirror bench` run instead of timing")
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--vocab-trim", default=None)
     ap.add_argument("--datastore", default=None)
@@ -39,6 +85,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default="runs/draft_cost.json")
     args = ap.parse_args(argv)
+    if args.from_bench:
+        return from_bench(args.from_bench)
     torch.set_num_threads(args.threads)
 
     from mirror.decoding.drafters.ngram import NgramDrafter, load_datastore

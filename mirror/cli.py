@@ -67,6 +67,9 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ngram-datastore", default=S, help="n-gram datastore of the target's text (train-draft); 'bundled': shipped for the default model")
     g.add_argument("--window-stop", default=S, help="cut n-gram windows where more tokens cost more than they "
                    "return (mirror calibrate-stop); 'bundled': shipped for the default model")
+    g.add_argument("--combine-min", type=float, default=S,
+                   help="ngram+network drafts: the n-gram window only when the target is expected to accept "
+                        "at least this many of its tokens (window-stop table), else the network's (0: always)")
     g.add_argument("--exit-trim", default=S, help="VocabTrim set for the early-exit head; 'bundled' as for --vocab-trim")
     g.add_argument("--rollout-stop", default=S, choices=ROLLOUT_STOPS,
                    help="distributed Mirror-SD: end branch rollouts at the verdict, or also before a draft "
@@ -92,7 +95,7 @@ _SPEC_FLAGS = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "bra
                "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers",
                "rule", "draft_backend", "onnx_dir", "onnx_providers", "onnx_strict", "onnx_threads", "onnx_max_len",
                "ngram_datastore", "exit_trim", "rollout_stop", "pre_budget", "window_stop", "draft_quant",
-               "int8_calib")
+               "int8_calib", "combine_min")
 
 
 def spec_from_args(args, base=None):

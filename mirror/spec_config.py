@@ -42,6 +42,10 @@ class SpecConfig:
     # n-gram windows cut where one more token is expected to return less than it costs the
     # target to verify (mirror calibrate-stop; drafters/window_stop.py); None = always gamma
     window_stop: str | None = None
+    # ngram+<network> drafts: use the n-gram window only when its expected number of accepted
+    # tokens (scored by the window-stop table: `window_stop`, else the bundled one) is at least
+    # this, the network's window otherwise; 0 = whenever the n-gram proposes anything
+    combine_min: float = 0.0
     rule: str = "auto"  # acceptance at T > 0 ("auto" = stochastic); greedy when temperature == 0
     # Mirror-SD with the draft behind the channel: a branch rollout stops when the verdict
     # arrives ("verdict"), or also before a draft step predicted to end after the verdict's
@@ -86,6 +90,12 @@ class SpecConfig:
             raise ValueError(f"exit_layer must be >= 0, got {self.exit_layer}")
         if not 0.0 <= self.confidence < 1.0:
             raise ValueError(f"confidence must be in [0, 1), got {self.confidence}")
+        if isinstance(self.combine_min, bool) or not isinstance(self.combine_min, (int, float)) \
+                or not 0.0 <= self.combine_min <= self.gamma:
+            raise ValueError(f"combine_min must be a number in [0, gamma={self.gamma}], got {self.combine_min!r}")
+        if self.combine_min and not self.draft.startswith("ngram+"):
+            raise ValueError(f"combine_min applies to a combined draft (ngram+self, ngram+model, ...), "
+                             f"not to {self.draft!r}")
         if self.streams < 0:
             raise ValueError(f"streams must be >= 0, got {self.streams}")
         if self.ngram_max < self.ngram_min:

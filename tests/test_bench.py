@@ -323,3 +323,34 @@ def test_peer_modes_pick_some_and_refuse_unknown(bundled, tmp_path, capsys):
               "--max-new-tokens", "2"])
     assert e.value.code != 0
     assert "unknown peer mode" in capsys.readouterr().err
+
+
+def test_draft_cost_from_a_bench_run_divides_draft_time_by_drafted_tokens(tmp_path):
+    """benchmarks.draft_cost --from-bench: per sd method, the window wait (the draft's serial work
+    in one process) per drafted token over the mean verification step, summed over turns."""
+    from benchmarks.draft_cost import from_bench
+
+    def turn(window_s, first_s, verify_s, drafted, steps, accepted, by_source):
+        return {"metrics": {"drafted_tokens": drafted, "target_steps": steps, "accepted_tokens": accepted,
+                            "extra": {"timing": {"window_s": window_s, "first_window_s": first_s,
+                                                 "verify_s": verify_s},
+                                      "windows_by_source": by_source}}}
+
+    label = "sd:ngram+model@combine_min=0.5"
+    res = {"config": {"runtime": "inprocess"}, "questions": [
+        {"methods": {"ar": {"turns": []}, label: {"turns": [turn(0.5, 0.1, 2.0, 40, 20, 30, {"ngram": 15, "model": 5})]}}},
+        {"methods": {label: {"turns": [turn(0.3, 0.1, 1.0, 20, 10, 20, {"ngram": 10})]}}}]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    out = from_bench(str(path))
+    assert list(out) == [label]
+    r = out[label]
+    assert r["draft_ms_per_token"] == pytest.approx(1e3 * 1.0 / 60)
+    assert r["target_step_ms"] == pytest.approx(1e3 * 3.0 / 30)
+    assert r["ratio_to_target_step"] == pytest.approx((1.0 / 60) / (3.0 / 30))
+    assert r["tau"] == pytest.approx(1 + 50 / 30)
+    assert r["windows_by_source"] == {"ngram": 25, "model": 5}
+    res["config"]["runtime"] = "distributed"
+    path.write_text(json.dumps(res))
+    with pytest.raises(SystemExit, match="in-process"):
+        from_bench(str(path))

@@ -324,6 +324,8 @@ def test_messages_survive_the_wire():
     assert spec_from_proto(spec_to_proto(stop)).window_stop == "/w.json"
     q = SpecConfig(method="mirror", draft="model", draft_model="target", draft_quant="int8", int8_calib="bundled")
     assert spec_from_proto(spec_to_proto(q)) == q
+    c = SpecConfig(method="mirror", draft="ngram+model", draft_model="target", draft_quant="int8", combine_min=1.25)
+    assert spec_from_proto(spec_to_proto(c)) == c
     assert spec_from_proto(spec_to_proto(SPEC)) == SPEC
     params = SamplingParams(max_new_tokens=9, temperature=0.7, top_k=5, top_p=0.9, seed=3)
     back = sampling_from_proto(sampling_to_proto(params))

@@ -48,6 +48,7 @@ def test_generate_inprocess_streams_text_then_a_stats_line(bundled, capsys):
     (["generate", "Hi", "--max-new-tokens", "0"], "max_new_tokens"),
     (["generate", "Hi", "--temperature", "-1"], "temperature"),
     (["generate", "Hi", "--method", "mirror", "--kappa", "0"], "kappa"),
+    (["generate", "Hi", "--method", "sd", "--draft", "ngram", "--combine-min", "1"], "combine_min applies"),
     (["generate", "Hi", "--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
 ])
 def test_bad_input_exits_nonzero_with_a_message(argv, message, capsys):

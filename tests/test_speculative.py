@@ -31,15 +31,18 @@ def draft_dir(tmp_path_factory):
        method=st.sampled_from(["sd", "mirror"]), draft=st.sampled_from(DRAFTS),
        gamma=st.integers(1, 6), kappa=st.integers(1, 8), exit_layer=st.integers(1, 3),
        budget=st.integers(1, 16), confidence=st.sampled_from([0.0, 0.05, 0.3]),
-       k=st.integers(1, 3), streams=st.integers(1, 3), pre_budget=st.sampled_from([0, 0, 3, 8]))
+       k=st.integers(1, 3), streams=st.integers(1, 3), pre_budget=st.sampled_from([0, 0, 3, 8]),
+       combine_min=st.sampled_from([0.0, 0.0, 0.8, 1.5]))
 def test_greedy_speculative_equals_plain_decoding(draft_dir, seed, prompt, method, draft, gamma, kappa,
-                                                  exit_layer, budget, confidence, k, streams, pre_budget):
+                                                  exit_layer, budget, confidence, k, streams, pre_budget,
+                                                  combine_min):
     target = TARGETS[seed]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     ref = generate(target, TOK, prompt, params)
     spec = SpecConfig(method=method, draft=draft, gamma=gamma, kappa=kappa, exit_layer=exit_layer,
                       budget=budget, confidence=confidence, draft_layers=k, streams=streams,
-                      draft_model=draft_dir if "model" in draft else None, pre_budget=pre_budget)
+                      draft_model=draft_dir if "model" in draft else None, pre_budget=pre_budget,
+                      combine_min=min(combine_min, gamma) if draft.startswith("ngram+") else 0.0)
     res = generate(target, TOK, prompt, params, spec)
     assert res.ids == ref.ids
     assert res.metrics.committed + 1 >= len(res.ids)  # prefill gives 1, every other token a verified step
@@ -179,6 +182,45 @@ def test_combined_draft_rolls_out_only_hypotheses_the_ngram_cannot_continue():
     assert committed[len(prompt):][:params.max_new_tokens] == generate(target, TOK, prompt, params).ids
 
 
+@pytest.mark.parametrize("method", ["sd", "mirror"])
+def test_combined_draft_sends_the_ngram_window_only_when_it_is_expected_to_pay(method):
+    """min_expected (SpecConfig.combine_min): an n-gram window goes out only when its scored
+    expected acceptance reaches the threshold, the network drafts the other steps; 0 keeps the
+    old rule (any n-gram continuation wins), an unreachable threshold leaves every step to the
+    network. Output stays exact throughout."""
+    from mirror.decoding.drafters.combined import CombinedDrafter
+    from mirror.decoding.drafters.ngram import NgramDrafter, NgramModel
+    from mirror.decoding.drafters.window_stop import WindowStop
+
+    target = TARGETS[0]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    ref = generate(target, TOK, prompt, params).ids
+    # a datastore that knows the answer: its windows are right once a 4-token suffix is known,
+    # and the table trusts exactly those (d4.*) - shorter suffixes score low
+    store = NgramModel.build([ref], n_min=1, n_max=4, min_count=1)
+    table = WindowStop({"c*": 0.9, "d*": 0.05, **{f"d4.{k}": 0.95 for k in range(5)}}, [1.0])
+    spec = SpecConfig(method=method, draft="ngram+self", draft_layers=2, exit_layer=2, gamma=5, kappa=4, budget=8)
+    sent = {}
+    for cm in (0.0, 1.0, 5.0):
+        net = build_drafter(target, SpecConfig(method=method, draft="self", draft_layers=2, budget=8), params, 128)
+        net.name = "self"
+        drafter = CombinedDrafter(params, NgramDrafter(params, 1, 4, datastore=store, score=table), net,
+                                  min_expected=cm)
+        real_use = drafter._use
+        sent[cm] = []
+        drafter._use = lambda w, real_use=real_use, cm=cm: sent[cm].append(w) or real_use(w)
+        res = generate(target, TOK, prompt, params, spec, drafter=drafter)
+        assert res.ids == ref
+    ngram = {cm: [w for w in ws if w.source == "ngram"] for cm, ws in sent.items()}
+    assert not ngram[5.0] and len(sent[5.0]) > 0  # no window expects 5 accepted tokens
+    assert ngram[1.0] and all(w.expected >= 1.0 for w in ngram[1.0])
+    assert any(w.source == "self" for w in sent[1.0])  # the low-scored steps went to the network
+    assert any(w.expected < 1.0 for w in ngram[0.0])  # which the old rule sent as n-gram windows
+    assert all(w.source == "ngram" for w in sent[0.0][1:])  # (the datastore always proposes)
+    assert len(sent[1.0]) < len(sent[5.0])  # right windows: fewer steps than the untrained network alone
+
+
 def test_rollback_keeps_both_caches_equal_to_a_fresh_prefill():
     """After every step, the target KV holds exactly the committed tokens but the root, the draft
     KV only committed tokens (plus its own fed window), and both equal a fresh prefill."""
@@ -227,3 +269,9 @@ def test_spec_config_validates():
             SpecConfig(**bad)
     with pytest.raises(ValueError, match="exit_layer"):
         SpecConfig(exit_layer=9).resolve_exit_layer(4)
+    for bad in (dict(draft="ngram+self", combine_min=-1.0), dict(draft="ngram+self", gamma=3, combine_min=4.0),
+                dict(draft="ngram+self", combine_min="1")):
+        with pytest.raises(ValueError, match="combine_min must be"):
+            SpecConfig(**bad)
+    with pytest.raises(ValueError, match="combined draft"):
+        SpecConfig(draft="model", draft_model="target", combine_min=1.0)

@@ -83,6 +83,21 @@ def test_keys_name_the_source_of_every_drafted_token():
     assert w.ids == [4, 1, 2] and d.last_keys == [datastore_key(3, 0), datastore_key(4, 1), datastore_key(4, 2)]
 
 
+def test_expected_accepted_tokens_and_the_scored_window():
+    stop = WindowStop({"c*": 0.9, "d*": 0.3, "c2.0.1": 0.5, "d1.4": 0.1}, [1.0, 1.1])
+    keys = ["c2.0.1", "c2.1.0", "d1.4"]
+    assert stop.expected(keys) == pytest.approx(0.5 + 0.5 * 0.9 + 0.5 * 0.9 * 0.1)
+    assert stop.expected([]) == 0.0
+    store = _store()
+    plain, scored = NgramDrafter(P, datastore=store), NgramDrafter(P, datastore=store, score=stop)
+    for ctx in ([40, 5, 6, 43, 44, 45, 40, 5], [9, 1, 2, 3]):
+        plain.start(ctx)
+        scored.start(ctx)
+        a, b = plain.propose(5), scored.propose(5)
+        assert a.ids == b.ids and a.expected is None  # scoring does not cut
+        assert b.expected == pytest.approx(stop.expected(scored.last_keys))
+
+
 def test_a_stopped_window_is_a_prefix_of_the_full_one():
     store = _store()
     full = NgramDrafter(P, datastore=store, keyed=True)

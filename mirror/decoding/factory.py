@@ -123,12 +123,13 @@ def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams,
         from .drafters.ngram import load_datastore
 
         store = load_datastore(spec.ngram_datastore) if spec.ngram_datastore else None
-        stop = None
-        if spec.window_stop:
-            from .drafters.window_stop import load_window_stop
+        from .drafters.window_stop import load_window_stop
 
-            stop = load_window_stop(spec.window_stop)
-        ngram = NgramDrafter(params, spec.ngram_min, spec.ngram_max, datastore=store, stop=stop)
+        stop = load_window_stop(spec.window_stop) if spec.window_stop else None
+        # a combined draft's per-step choice scores n-gram windows with the stop's table (the
+        # bundled one when no stop is set: scoring only, windows are not cut)
+        score = (stop or load_window_stop("bundled")) if spec.combine_min > 0 else None
+        ngram = NgramDrafter(params, spec.ngram_min, spec.ngram_max, datastore=store, stop=stop, score=score)
     net_kind = next((k for k in kinds if k != "ngram"), None)
     network = None
     if net_kind is not None:
@@ -145,7 +146,7 @@ def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams,
                                      own_k=spec.kappa if spec.pre_budget else 0)
             network.name = net_kind
     if ngram is not None and network is not None:
-        return CombinedDrafter(params, ngram, network)
+        return CombinedDrafter(params, ngram, network, min_expected=spec.combine_min)
     return ngram or network
 
 

@@ -19,6 +19,9 @@ class DraftWindow:
     # proposal is deterministic (one-hot), which is what greedy drafting and n-gram lookup give.
     probs: torch.Tensor | None = None
     source: str = ""  # which drafter produced it (for combined drafters' metrics)
+    # the drafter's own estimate of how many of its tokens the target will accept (n-gram windows
+    # scored by a calibrated window-stop table); None: no estimate. Stays on the draft side.
+    expected: float | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -1,6 +1,9 @@
 """Combined draft: n-gram lookup where the text repeats, a network draft elsewhere.
 
-Per step the n-gram proposal is used when it finds a continuation, otherwise the network's.
+Per step the n-gram proposal is used when it finds a continuation - or, with `min_expected`,
+only when the target is expected to accept at least that many of its tokens (the window's
+`expected`, scored by the calibrated window-stop table: a long context match, not a unigram
+datastore guess) - otherwise the network's.
 Both drafters follow every commit, so either can take over at the next step; in Mirror-SD both
 precompute branches (n-gram branches cost a dict probe) and the same preference applies."""
 from __future__ import annotations
@@ -13,9 +16,13 @@ from .ngram import NgramDrafter
 
 
 class CombinedDrafter(Drafter):
-    def __init__(self, params: SamplingParams, ngram: NgramDrafter, net: NetworkDrafter):
+    def __init__(self, params: SamplingParams, ngram: NgramDrafter, net: NetworkDrafter,
+                 min_expected: float = 0.0):
         super().__init__(params)
+        if min_expected > 0 and ngram.score is None:
+            raise ValueError("a combined draft's min_expected needs an n-gram drafter with a score table")
         self.ngram, self.net = ngram, net
+        self.min_expected = min_expected
         self.name = f"ngram+{net.name}"
         self.by_source = {"ngram": 0, net.name: 0}
 
@@ -38,6 +45,12 @@ class CombinedDrafter(Drafter):
                        pre_hits=self.net.stats.pre_hits)
         return t
 
+    def _prefer(self, w: DraftWindow | None) -> bool:
+        """Is this n-gram window the one to send (rather than the network's)?"""
+        if w is None or not w.ids:
+            return False
+        return self.min_expected <= 0 or (w.expected or 0.0) >= self.min_expected
+
     def _use(self, w: DraftWindow) -> DraftWindow:
         self.window = w
         self.by_source[w.source] = self.by_source.get(w.source, 0) + 1
@@ -45,9 +58,10 @@ class CombinedDrafter(Drafter):
 
     def propose(self, gamma: int) -> DraftWindow:
         w = self.ngram.propose(gamma)
-        if w.ids:
+        if self._prefer(w):
             self.net.observe(w)
             return self._use(w)
+        self.ngram.stats.used -= len(w.ids)  # proposed, not sent
         w = self.net.propose(gamma)
         self.ngram.window = w
         return self._use(w)
@@ -61,18 +75,18 @@ class CombinedDrafter(Drafter):
         """The network's window KV and, with a budget, its pre-signal rollouts - for the hypotheses
         the n-gram cannot continue (an n-gram branch made here is kept for `take`)."""
         return self.net.prepare(gamma, budget, should_stop, batch,
-                                skip=lambda h: bool(self.ngram.branch(h.j, h.token, gamma).ids))
+                                skip=lambda h: self._prefer(self.ngram.branch(h.j, h.token, gamma)))
 
     def expand(self, signal: EarlyExitSignal, gamma: int, budget: int, should_stop=None, batch: int = 8) -> int:
         """n-gram branches for every hypothesis (dict probes), network rollouts only for those the
         n-gram cannot continue: `take` prefers an n-gram window, so the network's would be unused."""
         self.ngram.expand(signal, gamma, budget)
-        covered = {k for k, w in self.ngram._branches.items() if w.ids}
+        covered = {k for k, w in self.ngram._branches.items() if self._prefer(w)}
         return self.net.expand(signal, gamma, budget, should_stop, batch, skip=covered)
 
     def take(self, verdict: Verdict) -> DraftWindow | None:
         ng = self.ngram._branches.get((verdict.accepted, verdict.token))
-        if ng is not None and ng.ids:
+        if self._prefer(ng):
             # the n-gram continuation wins; the network just follows the commit
             self.net.commit(verdict)
             self.ngram.take(verdict)

@@ -144,16 +144,18 @@ class NgramDrafter(Drafter):
 
     def __init__(self, params: SamplingParams, n_min: int = 2, n_max: int = 4,
                  datastore: NgramModel | None = None, mode: str = "fill", stop: WindowStop | None = None,
-                 keyed: bool = False):
+                 keyed: bool = False, score: WindowStop | None = None):
         super().__init__(params)
         if mode not in self.MODES:
             raise ValueError(f"unknown n-gram mode {mode!r}; choose from {', '.join(self.MODES)}")
-        if (stop is not None or keyed) and mode == "mixed":
+        if (stop is not None or keyed or score is not None) and mode == "mixed":
             raise ValueError("the window stop is calibrated for n-gram modes fill and fallback, not mixed")
         self.n_min, self.n_max, self.mode = n_min, n_max, mode
         # stop: cut windows where more tokens cost more than they return (window_stop.py);
-        # keyed: record every drafted token's key in last_keys (calibration replays)
-        self.stop, self.keyed = stop, keyed or stop is not None
+        # keyed: record every drafted token's key in last_keys (calibration replays);
+        # score: a table (else the stop's) whose acceptance by key sets each window's `expected`
+        self.stop, self.keyed = stop, keyed or stop is not None or score is not None
+        self.score = score or stop
         self.last_keys: list[str] = []
         self.index = NgramIndex(n_min, n_max)
         self.datastore = datastore
@@ -176,6 +178,7 @@ class NgramDrafter(Drafter):
 
     def _draft_after(self, tail: list[int], gamma: int) -> DraftWindow:
         ds = self.datastore
+        expected = None
         if self.mode == "mixed":
             ids = self._draft_mixed(tail, gamma)
         else:
@@ -191,8 +194,10 @@ class NgramDrafter(Drafter):
                     g = self.stop.length(keys)
                     ids, keys = ids[:g], keys[:g]
                 self.last_keys = keys
+                if self.score is not None:
+                    expected = self.score.expected(keys)
         self.stats.computed += len(ids)
-        return DraftWindow(list(ids), None, self.name)
+        return DraftWindow(list(ids), None, self.name, expected)
 
     def _context_keys(self, tail: list[int], ids: list[int], n: int) -> list[str]:
         ds = self.datastore

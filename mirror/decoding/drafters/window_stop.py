@@ -60,6 +60,14 @@ class WindowStop:
             v = self.accept.get(key[0] + "*", 0.0)
         return v
 
+    def expected(self, keys: list[str]) -> float:
+        """Expected number of these drafted tokens the target accepts: sum_k prod_{i<=k} p_i."""
+        survive, total = 1.0, 0.0
+        for key in keys:
+            survive *= self.p(key)
+            total += survive
+        return total
+
     def length(self, keys: list[str]) -> int:
         """How many of the drafted tokens (whose keys these are) to send."""
         best_g, best, survive, expected = 0, 1.0 / self.step_cost(1), 1.0, 0.0
