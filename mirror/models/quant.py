@@ -74,19 +74,17 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantized_copy(model: nn.Module, mode: str = "int8", skip=()) -> nn.Module:
+def quantized_copy(model: nn.Module, mode: str = "int8") -> nn.Module:
     """A copy of `model` whose linear layers are int8 QuantLinears; everything else (embedding,
-    norms, RoPE tables) is shared with `model`, which is left untouched. Linears whose attribute
-    name is in `skip` stay shared fp32 modules (for the caller to replace)."""
+    norms, RoPE tables) is shared with `model`, which is left untouched."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown draft quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
 
-    def clone(m: nn.Module, name: str = "") -> nn.Module:
+    def clone(m: nn.Module) -> nn.Module:
         if isinstance(m, (Linear, nn.Linear)):
-            return m if name in skip else QuantLinear.from_linear(m)
-        c = copy.copy(m)
-        c._parameters, c._buffers = dict(m._parameters), dict(m._buffers)
-        c._modules = {k: (None if v is None else clone(v, k)) for k, v in m._modules.items()}
+            return QuantLinear.from_linear(m)
+        c = _shallow_copy(m)
+        c._modules = {k: (None if v is None else clone(v)) for k, v in m._modules.items()}
         return c
 
     return clone(model)
@@ -144,17 +142,13 @@ def smoothed_copy(model: nn.Module, act_max: dict[str, torch.Tensor] | None, alp
     """An int8 copy of a Transformer (`mirror.models.llama`), SmoothQuant-smoothed with
     `act_max` from calibrate_act_max (None: plain per-channel int8, no smoothing). The target
     is left untouched; embedding and RoPE tables are shared with it."""
-    if act_max is None:
-        return quantized_copy(model, mode)
-    if mode not in QUANT_MODES:
-        raise ValueError(f"unknown draft quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
-    return quantized_copy(smoothed_model(model, act_max, alpha), mode)
+    return quantized_copy(model if act_max is None else smoothed_model(model, act_max, alpha), mode)
 
 
 def smoothed_model(model: nn.Module, act_max: dict[str, torch.Tensor], alpha: float = DEFAULT_ALPHA) -> nn.Module:
     """The SmoothQuant-smoothed fp32 copy of a Transformer: the same function (exact up to fp32
     rounding), with activation outliers moved into the weights - what `smoothed_copy` quantizes,
-    and what the ONNX export of an int8 draft quantizes (export.quantize_export). The q/k/v,
+    and what the ONNX export of an int8 draft quantizes (onnx/export.py, quantize_graphs). The q/k/v,
     gate/up and LM head inputs are divided by s through the preceding RMSNorm's weight, the down
     projection's through the up projection's rows; wo is left as it is (GQA ties its input
     channels to v's). New Linears hold the smoothed weights; the rest is shared with `model`."""
