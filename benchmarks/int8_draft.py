@@ -33,7 +33,7 @@ def predictions(net, data: list[dict]) -> tuple[list[list[int]], float]:
         for r in tqdm(data, desc="teacher-forced", unit="answer", leave=False):
             ids, a = r["ids"], r["n_prompt"]
             logits = net(ids[None], torch.arange(len(ids))[None], net.new_cache(1, len(ids)))[0]
-            p = logits[a - 1:len(ids) - 1].argmax(-1)  # p[j] predicts answer token j
+            p = net.to_full(logits[a - 1:len(ids) - 1].argmax(-1))  # p[j] predicts answer token j
             preds.append(p[1:].tolist())  # replay_context_draft: p[j] is answer token j + 1
             hit += int((p == ids[a:]).sum())
             total += len(ids) - a
@@ -75,6 +75,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the agreement pass (timing: 1)")
     ap.add_argument("--onnx", default=None, help="also measure this exported int8 draft under ONNX Runtime")
+    ap.add_argument("--vocab-trim", default=None,
+                    help="also measure the bundled-alpha int8 draft with this VocabTrim head ('bundled': shipped)")
     args = ap.parse_args(argv)
     for name in ("holdout", "gamma", "context", "reps", "threads"):
         if getattr(args, name) <= 0:
@@ -101,6 +103,19 @@ def main(argv=None) -> dict:
     from mirror.decoding.drafters.network import DraftNet
 
     nets = {name: DraftNet.from_model(m) for name, m in variants.items()}
+    trim_name = None
+    if args.vocab_trim:
+        from mirror.decoding.drafters.vocab_trim import VocabTrim
+        from mirror.models.quant import DEFAULT_ALPHA
+
+        vt = VocabTrim.load(resolve_artifact(args.vocab_trim, "vocab_trim"))
+        alpha = float(meta.get("alpha", DEFAULT_ALPHA))
+        base = f"int8, SmoothQuant alpha={alpha:g}"
+        if base not in variants:
+            variants[base] = smoothed_copy(t, act, alpha=alpha)
+            nets[base] = DraftNet.from_model(variants[base])
+        trim_name = f"{base}, VocabTrim {len(vt)}"
+        nets[trim_name] = DraftNet.from_model(variants[base], vt.keep_ids)
     if args.onnx is not None:
         from mirror.onnx.runtime import OrtDraftNet
 
@@ -118,6 +133,19 @@ def main(argv=None) -> dict:
     res["draft_ratio_to_target_step"] = ms / res["target_step_ms"]
     print(f"target step (window of {G + 1}, 1 thread): {res['target_step_ms']:.1f} ms; int8 draft token: {ms:.1f} ms "
           f"= {res['draft_ratio_to_target_step']:.3f} of a target step")
+    if trim_name is not None:  # side by side, alternating, so load drift hits both alike
+        base = trim_name.rsplit(", VocabTrim", 1)[0]
+        full, trim = [], []
+        for _ in range(3):
+            full.append(forward_ms(nets[base], args.context, 1, args.reps))
+            trim.append(forward_ms(nets[trim_name], args.context, 1, args.reps))
+        f, tr = sorted(full)[1], sorted(trim)[1]
+        res["vocab_trim"] = {"file": args.vocab_trim, "size": len(vt), "full_ms": f, "trim_ms": tr,
+                             "step_cut": 1 - tr / f, "trim_ratio_to_target_step": tr / res["target_step_ms"],
+                             "tau_loss": 1 - res["variants"][trim_name]["tau"] / res["variants"][base]["tau"]}
+        print(f"VocabTrim ({len(vt)} tokens) on the int8 head: draft token {f:.1f} -> {tr:.1f} ms "
+              f"({100 * res['vocab_trim']['step_cut']:.1f}% less; {res['vocab_trim']['trim_ratio_to_target_step']:.3f} "
+              f"of a target step), tau {res['variants'][base]['tau']:.2f} -> {res['variants'][trim_name]['tau']:.2f}")
     if args.onnx is not None:
         ms = forward_ms(nets["int8, ONNX Runtime (CPU EP)"], args.context, 1, args.reps)
         res["onnx_draft_ms_per_token"] = ms

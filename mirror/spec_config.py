@@ -107,8 +107,6 @@ class SpecConfig:
         if self.draft_quant != "none" and "model" not in self.draft:
             raise ValueError(f"draft_quant applies to a 'model' draft (e.g. draft=model, draft_model=target), "
                              f"not to {self.draft!r}")
-        if self.draft_quant != "none" and self.vocab_trim not in (None, "none"):
-            raise ValueError("draft_quant with vocab_trim is not supported: the int8 draft keeps the full head")
         if self.draft_backend not in DRAFT_BACKENDS:
             raise ValueError(f"unknown draft backend {self.draft_backend!r}; choose one of {', '.join(DRAFT_BACKENDS)}")
         for name, lo in (("onnx_threads", 1), ("onnx_inter_threads", 1), ("onnx_max_len", 2)):

@@ -459,6 +459,35 @@ def test_an_int8_export_must_match_the_spec(tmp_path):
         check_net(meta, net, "model", replace(spec, int8_calib=other))
 
 
+def test_an_int8_draft_with_a_vocab_trim_exports_its_trimmed_head(tmp_path):
+    """int8 + VocabTrim: the export quantizes the smoothed copy behind the trimmed head, records
+    the trim, and ONNX Runtime picks the same tokens as the PyTorch int8 draft with that trim."""
+    from dataclasses import replace
+
+    from mirror.decoding.factory import build_draft_net
+    from mirror.onnx.export import export_from_spec, export_net
+
+    target, _, _, kw = _int8_setup(tmp_path)
+    trim = str(tmp_path / "trim.json")
+    keep = list(range(0, target.cfg.vocab_size, 3))
+    VocabTrim(keep, target.cfg.vocab_size).save(trim)
+    spec = SpecConfig(vocab_trim=trim, **kw)
+    d = str(tmp_path / "onnx")
+    meta = export_from_spec(target, spec, d, rows=2, step_width=4, window_width=4, max_len=64)
+    assert meta["vocab_trim"]["size"] == len(keep) and meta["shapes"]["vocab"] == len(keep)
+    check_net(meta, export_net(target, spec, "model"), "model", spec)
+    with pytest.raises(ValueError, match="trimmed vocabulary, the spec none"):
+        check_net(meta, export_net(target, replace(spec, vocab_trim=None), "model"), "model", spec)
+    ort_net = OrtDraftNet(d, target_cfg=target.cfg)
+    torch_net = build_draft_net(target, spec, "model")
+    assert torch_net.head.out_features == ort_net.vocab == len(keep)
+    toks = torch.randint(1, 256, (1, 20), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        a, b = (n(toks, torch.arange(20)[None], n.new_cache(1, 64), kv_len=20)[0] for n in (ort_net, torch_net))
+    assert float((ort_net.to_full(a.argmax(-1)) == torch_net.to_full(b.argmax(-1))).float().mean()) >= 0.8
+    assert set(ort_net.to_full(a.argmax(-1)).tolist()) <= set(keep)
+
+
 def test_export_draft_cli_refuses_int8_for_a_draft_without_its_own_model(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli_main(["export-draft", "--draft", "self", "--draft-quant", "int8", "--out", str(tmp_path / "x")])

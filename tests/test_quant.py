@@ -33,6 +33,23 @@ def test_quant_linear_is_close_to_fp32():
     assert 0 < rel < 0.03  # int8 rounding: close, not equal
 
 
+def test_trimmed_int8_head_is_the_full_head_at_the_kept_rows():
+    """VocabTrim on an int8 head keeps its int8 rows as they were: the trimmed layer's outputs are
+    the full layer's at the kept ids, bit for bit (same weights, same per-call activation scale)."""
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(300, 64, generator=g), torch.randn(300, generator=g)
+    full = quant.QuantLinear(w, b)
+    keep = torch.tensor([7, 0, 299, 150, 42])
+    from mirror.decoding.drafters.network import trimmed_head
+
+    trim = trimmed_head(full, keep)
+    assert isinstance(trim, quant.QuantLinear) and trim.out_features == 5
+    x = torch.randn(3, 64, generator=g)
+    assert torch.equal(trim(x), full(x)[:, keep])
+    deq, _ = full.weight()
+    assert float((deq - w).abs().max()) < float(w.abs().max()) / 127  # within one int8 step
+
+
 def test_smoothing_is_exact_before_rounding(monkeypatch):
     """With QuantLinear swapped for an fp32 linear, the smoothed copy computes the target's
     function: the scales folded into norms / up rows cancel exactly."""
@@ -104,12 +121,21 @@ def test_int8_target_draft_is_lossless_on_a_tiny_model(tmp_path):
     prompt = tok.encode("the int8 draft")
     params = SamplingParams(max_new_tokens=24)
     plain = generate(model, tok, prompt, params)
+    from mirror.decoding.drafters.vocab_trim import VocabTrim
+
+    trim = str(tmp_path / "trim.json")  # a quarter of the tiny vocabulary, the prompt's bytes among it
+    VocabTrim(sorted(set(prompt) | set(range(0, model.cfg.vocab_size, 4))), model.cfg.vocab_size).save(trim)
     for method in ("sd", "mirror"):
-        spec = SpecConfig(method=method, draft="model", draft_model="target", draft_quant="int8", int8_calib=p,
-                          gamma=4, kappa=2, budget=2, branch_batch=2)
-        res = generate(model, tok, prompt, params, spec)
-        assert res.ids == plain.ids
-        assert res.metrics.drafted_tokens > 0
+        for vocab_trim in (None, trim):
+            spec = SpecConfig(method=method, draft="model", draft_model="target", draft_quant="int8", int8_calib=p,
+                              gamma=4, kappa=2, budget=2, branch_batch=2, vocab_trim=vocab_trim)
+            res = generate(model, tok, prompt, params, spec)
+            assert res.ids == plain.ids
+            assert res.metrics.drafted_tokens > 0
+    from mirror.decoding.factory import build_draft_net
+
+    head = build_draft_net(model, spec, "model").head  # the trim reached the int8 head
+    assert isinstance(head, quant.QuantLinear) and head.out_features == len(VocabTrim.load(trim))
 
 
 def test_bad_int8_settings_are_refused():
@@ -117,8 +143,6 @@ def test_bad_int8_settings_are_refused():
         SpecConfig(method="sd", draft="ngram", draft_quant="int8")
     with pytest.raises(ValueError, match="unknown draft_quant"):
         SpecConfig(method="sd", draft="model", draft_model="target", draft_quant="int4")
-    with pytest.raises(ValueError, match="vocab_trim"):
-        SpecConfig(method="sd", draft="model", draft_model="target", draft_quant="int8", vocab_trim="/t.json")
     with pytest.raises(ValueError, match="target itself"):
         load_draft_model("target", tiny_model())
 

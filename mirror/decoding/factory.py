@@ -79,6 +79,22 @@ def distilled_trim(draft_model: str) -> str | None:
     return os.path.join(draft_model, name) if name else None
 
 
+def draft_keep_ids(spec: SpecConfig, kind: str, art=None) -> torch.Tensor | None:
+    """The VocabTrim token ids of a network draft's head (None: the full vocabulary): the spec's
+    vocab_trim ('none': explicitly untrimmed), else the set its adapter or distilled draft model
+    was trained behind."""
+    trim_path = spec.vocab_trim
+    if trim_path == "none":  # explicitly untrimmed, even if the artifact was trained with a trim
+        trim_path = None
+    elif trim_path is None and art is not None and art.meta.get("vocab_trim"):
+        trim_path = os.path.join(os.path.dirname(spec.adapter), art.meta["vocab_trim"])  # trained with it
+    elif trim_path is None and kind == "model" and spec.draft_model != "target":
+        trim_path = distilled_trim(spec.draft_model)
+    from ..models.bundled import resolve_artifact
+
+    return VocabTrim.load(resolve_artifact(trim_path, "vocab_trim")).keep_ids if trim_path else None
+
+
 def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNet:
     """The network of a 'self', 'model' or 'streaming' draft, with its trained parts if given:
     a DraftNet, or with draft_backend="onnx" the same network exported and run by ONNX Runtime
@@ -91,16 +107,7 @@ def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNe
         return ort_draft_for_spec(target, spec, kind)
 
     art = load_draft_artifact(spec.adapter, target) if spec.adapter and kind != "model" else None
-    trim_path = spec.vocab_trim
-    if trim_path == "none":  # explicitly untrimmed, even if the artifact was trained with a trim
-        trim_path = None
-    elif trim_path is None and art is not None and art.meta.get("vocab_trim"):
-        trim_path = os.path.join(os.path.dirname(spec.adapter), art.meta["vocab_trim"])  # trained with it
-    elif trim_path is None and kind == "model" and spec.draft_model != "target":
-        trim_path = distilled_trim(spec.draft_model)
-    from ..models.bundled import resolve_artifact
-
-    keep = VocabTrim.load(resolve_artifact(trim_path, "vocab_trim")).keep_ids if trim_path else None
+    keep = draft_keep_ids(spec, kind, art)
     if kind == "model":
         return DraftNet.from_model(load_draft_model(spec.draft_model, target, spec.draft_quant, spec.int8_calib),
                                    keep)

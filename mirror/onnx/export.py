@@ -317,8 +317,10 @@ def draft_source(spec, kind: str, layers: int | None) -> dict:
         src["draft_model"] = "target" if spec.draft_model == "target" else os.path.abspath(spec.draft_model)
     if spec.adapter:
         src["adapter"] = {"file": os.path.abspath(spec.adapter), "sha256": _file_sha256(spec.adapter)}
-    if spec.vocab_trim:
-        src["vocab_trim_file"] = os.path.abspath(spec.vocab_trim)
+    if spec.vocab_trim and spec.vocab_trim != "none":
+        from ..models.bundled import resolve_artifact
+
+        src["vocab_trim_file"] = os.path.abspath(resolve_artifact(spec.vocab_trim, "vocab_trim"))
     return src
 
 
@@ -344,9 +346,10 @@ def export_net(target, spec, kind: str):
     if spec.draft_quant == "none" or kind != "model":
         return torch_draft_net(target, spec, kind)
     from ..decoding.drafters.network import DraftNet
-    from ..decoding.factory import smoothed_draft_model
+    from ..decoding.factory import draft_keep_ids, smoothed_draft_model
 
-    return DraftNet.from_model(smoothed_draft_model(spec.draft_model, target, spec.int8_calib))
+    return DraftNet.from_model(smoothed_draft_model(spec.draft_model, target, spec.int8_calib),
+                               draft_keep_ids(spec, kind))
 
 
 def export_quant(spec) -> dict | None:

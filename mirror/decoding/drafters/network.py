@@ -119,6 +119,10 @@ def trimmed_head(head: Linear, keep_ids: torch.Tensor | None) -> Linear:
     """VocabTrim: an LM head restricted to `keep_ids` (rows of the full head, in that order)."""
     if keep_ids is None:
         return head
+    from ...models.quant import QuantLinear
+
+    if isinstance(head, QuantLinear):  # an int8 draft's head: the kept rows, still int8
+        return head.rows(keep_ids)
     w = head.weight.detach()[keep_ids]
     lin = Linear(w.shape[1], w.shape[0], dtype=w.dtype)
     lin.weight = nn.Parameter(w.clone(), requires_grad=False)
