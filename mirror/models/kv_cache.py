@@ -44,6 +44,13 @@ class KVCache:
         kc[b_idx, :, positions] = k
         vc[b_idx, :, positions] = v
 
+    def write_span(self, layer: int, rows: range, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Like write, for rows r0..r1 all at positions start..start+T-1: a slice copy."""
+        kc, vc = self.layer(layer)
+        T = k.shape[1]
+        kc[rows.start:rows.stop, :, start:start + T] = k.transpose(1, 2)
+        vc[rows.start:rows.stop, :, start:start + T] = v.transpose(1, 2)
+
     def rollback(self, row: int, length: int) -> None:
         """Drop everything at positions >= length in `row`. O(1): only the counter moves."""
         if not 0 <= length <= self.lengths[row]:

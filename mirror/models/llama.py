@@ -89,7 +89,7 @@ class Block(nn.Module):
 class StepContext:
     """Per-forward tensors shared by all layers: RoPE rows, the causal mask, cache rows."""
 
-    __slots__ = ("positions", "rows", "rows_t", "cos", "sin", "mask", "scale", "kv_len")
+    __slots__ = ("positions", "rows", "rows_t", "cos", "sin", "mask", "scale", "kv_len", "span", "lean")
 
     def __init__(self, model: "Transformer", positions: torch.Tensor, rows, kv_len: int):
         B, T = positions.shape
@@ -103,9 +103,18 @@ class StepContext:
         allowed = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]
         mask = torch.zeros(allowed.shape, dtype=model.dtype, device=positions.device)
         mask.masked_fill_(~allowed, float("-inf"))
-        self.mask = mask.unsqueeze(1).repeat(1, 1, model.cfg.n_rep, 1)  # [B, 1, n_rep*T, S]
+        # lean (drafts, whose numerics need not match anything): one fused attention kernel over
+        # a [B, 1, T, S] mask; otherwise the grouped matmuls below over [B, 1, n_rep*T, S]
+        self.lean = getattr(model, "lean", False)
+        self.mask = mask.unsqueeze(1) if self.lean else mask.unsqueeze(1).repeat(1, 1, model.cfg.n_rep, 1)
         self.scale = 1.0 / math.sqrt(model.cfg.head_dim)
         self.kv_len = kv_len
+        # rows r0..r1 all writing positions p..p+T-1 (decode, windows, prefill): slice copies
+        self.span = None
+        if isinstance(rows, range) and rows.step == 1 and T > 0:
+            p0 = int(positions[0, 0])
+            if bool((positions == torch.arange(p0, p0 + T, device=positions.device)).all()):
+                self.span = p0
 
     def select(self, c: torch.Tensor) -> torch.Tensor:
         if isinstance(self.rows, range) and self.rows.step == 1:
@@ -118,9 +127,16 @@ class StepContext:
         B, T, H, hd = q.shape
         Hk = k.shape[2]
         n_rep = H // Hk
-        cache.write(layer, self.rows_t, self.positions, k, v)
+        if self.span is not None:
+            cache.write_span(layer, self.rows, self.span, k, v)
+        else:
+            cache.write(layer, self.rows_t, self.positions, k, v)
         kc, vc = cache.layer(layer)
         keys, vals = self.select(kc), self.select(vc)  # [B, Hk, S, hd]
+        if self.lean:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=self.mask,
+                                               scale=self.scale, enable_gqa=n_rep > 1)  # [B, H, T, hd]
+            return o.transpose(1, 2).reshape(B, T, H * hd)
         # Group query heads by their kv head: [B, Hk, n_rep * T, hd], row = r * T + t
         qg = q.view(B, T, Hk, n_rep, hd).permute(0, 2, 3, 1, 4).reshape(B, Hk, n_rep * T, hd)
         scores = torch.matmul(qg, keys.transpose(-1, -2)) * self.scale + self.mask  # [B, Hk, n_rep*T, S]

@@ -54,6 +54,7 @@ class DraftNet(nn.Module):
         self.keep_ids = keep_ids  # VocabTrim: draft vocab row -> target token id
         self.streams = streams
         self.batch_invariant = False  # drafts only propose; their numerics need not be invariant
+        self.lean = True  # fused attention (StepContext); branch rows use BranchContext
         ids = [b.layer_id for b in blocks]
         self.layer_range = range(min(ids), max(ids) + 1)
 
