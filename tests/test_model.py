@@ -185,3 +185,46 @@ def test_bf16_model_decodes_close_to_fp32():
     b = mb(toks, pos, mb.new_cache(1, 16)).float()
     assert b.dtype == torch.float32 and mb.lm_head.weight.dtype == torch.bfloat16
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_fused_rms_norm_is_the_unfused_formula_bit_for_bit():
+    from mirror.models.ops import RMSNorm
+
+    g = torch.Generator().manual_seed(11)
+    for shape in [(1, 1, 64), (3, 7, 64), (2, 5, 4, 16), (1, 300, 96)]:
+        n = RMSNorm(shape[-1], 1e-5)
+        n.weight.data = torch.randn(shape[-1], generator=g)
+        for scale in (1e-3, 1.0, 100.0):
+            x = torch.randn(*shape, generator=g) * scale
+            ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * n.weight
+            assert torch.equal(n(x), ref)
+
+
+def test_span_writes_equal_indexed_writes():
+    """KVCache.write_span (rows r0..r1 at positions p..p+T-1) writes what write() writes."""
+    m = tiny_model("tiny", seed=12)
+    a, b = m.new_cache(3, 32), m.new_cache(3, 32)
+    g = torch.Generator().manual_seed(13)
+    k, v = (torch.randn(2, 5, m.cfg.n_kv_heads, m.cfg.head_dim, generator=g) for _ in range(2))
+    a.write_span(1, range(1, 3), 7, k, v)
+    b.write(1, torch.tensor([1, 2]), torch.arange(7, 12).expand(2, 5), k, v)
+    assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v) and a.k.abs().sum() > 0
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3"])
+def test_lean_draft_attention_matches_the_grouped_matmuls(preset):
+    """A DraftNet's fused SDPA attention (lean) computes what the target's batch-invariant
+    grouped matmuls compute, to float rounding: prefill, decode, and scattered positions."""
+    from mirror.decoding.drafters.network import DraftNet
+
+    m = tiny_model(preset, seed=14)
+    lean, plain = DraftNet.from_model(m), DraftNet.from_model(m)
+    plain.lean = False
+    ids = torch.randint(1, 256, (2, 9), generator=torch.Generator().manual_seed(15))
+    with torch.inference_mode():
+        ca, cb = lean.new_cache(2, 32), plain.new_cache(2, 32)
+        out = [(n(ids, torch.arange(9).expand(2, 9), c)) for n, c in ((lean, ca), (plain, cb))]
+        assert torch.allclose(out[0], out[1], atol=1e-4) and not torch.equal(out[0], out[1])
+        pos = torch.tensor([[9, 11], [10, 9]])  # not one span: indexed writes, per-row masks
+        out = [n(ids[:, :2], pos, c, kv_len=12) for n, c in ((lean, ca), (plain, cb))]
+        assert torch.allclose(out[0], out[1], atol=1e-4)
