@@ -275,3 +275,20 @@ def test_spec_config_validates():
             SpecConfig(**bad)
     with pytest.raises(ValueError, match="combined draft"):
         SpecConfig(draft="model", draft_model="target", combine_min=1.0)
+
+
+def test_a_trimmed_draft_feeds_back_the_tokens_it_proposed():
+    """Serial drafting with a VocabTrim head: each drafted token is fed back as its target-vocab
+    id, so when the trim keeps every token the full head would pick, the window is the untrimmed
+    draft's window (a draft-vocab index fed as a token id would derail it after one token)."""
+    target = TARGETS[2]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    ctx = [10, 20, 30, 40, 50, 60, 7]
+    full = NetworkDrafter(DraftNet.self_draft(target, 2), params, 256, 128)
+    full.start(ctx)
+    ref = full.propose(6).ids
+    gone = [t for t in range(256) if t not in ref][:8]  # shift every kept id's draft index
+    keep = torch.tensor([t for t in range(256) if t not in gone])
+    trimmed = NetworkDrafter(DraftNet.self_draft(target, 2, keep_ids=keep), params, 256, 128)
+    trimmed.start(ctx)
+    assert trimmed.propose(6).ids == ref

@@ -225,7 +225,8 @@ class NetworkDrafter(Drafter):
                 probs.append(pr)
             if i == gamma - 1:
                 break
-            logits = self.net(tok.view(1, 1), self.positions[:, n + i:n + i + 1], self.cache,
+            # tok indexes the draft's (possibly VocabTrim'd) head: feed the token it stands for
+            logits = self.net(self.net.to_full(tok).view(1, 1), self.positions[:, n + i:n + i + 1], self.cache,
                               kv_len=n + i + 1)[:, -1]
             self.kv = n + i + 1
         self.cache.set_length(0, self.kv)
