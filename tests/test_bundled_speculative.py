@@ -1,5 +1,5 @@
 """sd and mirror on the real bundled model reproduce plain greedy decoding on Spec-Bench prompts
-(2 per category, 64 new tokens), for every draft kind; the n-gram draft with the artifacts
+(2 per category, 48 new tokens), for every draft kind; the n-gram draft with the artifacts
 shipped for the bundled model (datastore, trained exit head and its trim), as the default uses."""
 import os
 
@@ -15,7 +15,7 @@ from mirror.spec_config import SpecConfig
 
 QPATH = default_questions_path()
 pytestmark = pytest.mark.skipif(QPATH is None, reason="Spec-Bench is absent (../shared/specbench/question.jsonl)")
-PARAMS = SamplingParams(max_new_tokens=64, ignore_eos=True)
+PARAMS = SamplingParams(max_new_tokens=48, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
