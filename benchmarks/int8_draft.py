@@ -103,19 +103,19 @@ def main(argv=None) -> dict:
     from mirror.decoding.drafters.network import DraftNet
 
     nets = {name: DraftNet.from_model(m) for name, m in variants.items()}
-    trim_name = None
+    trim_name = trim_base = None
     if args.vocab_trim:
         from mirror.decoding.drafters.vocab_trim import VocabTrim
         from mirror.models.quant import DEFAULT_ALPHA
 
         vt = VocabTrim.load(resolve_artifact(args.vocab_trim, "vocab_trim"))
         alpha = float(meta.get("alpha", DEFAULT_ALPHA))
-        base = f"int8, SmoothQuant alpha={alpha:g}"
-        if base not in variants:
-            variants[base] = smoothed_copy(t, act, alpha=alpha)
-            nets[base] = DraftNet.from_model(variants[base])
-        trim_name = f"{base}, VocabTrim {len(vt)}"
-        nets[trim_name] = DraftNet.from_model(variants[base], vt.keep_ids)
+        trim_base = f"int8, SmoothQuant alpha={alpha:g}"
+        if trim_base not in variants:
+            variants[trim_base] = smoothed_copy(t, act, alpha=alpha)
+            nets[trim_base] = DraftNet.from_model(variants[trim_base])
+        trim_name = f"{trim_base}, VocabTrim {len(vt)}"
+        nets[trim_name] = DraftNet.from_model(variants[trim_base], vt.keep_ids)
     if args.onnx is not None:
         from mirror.onnx.runtime import OrtDraftNet
 
@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     print(f"target step (window of {G + 1}, 1 thread): {res['target_step_ms']:.1f} ms; int8 draft token: {ms:.1f} ms "
           f"= {res['draft_ratio_to_target_step']:.3f} of a target step")
     if trim_name is not None:  # side by side, alternating, so load drift hits both alike
-        base = trim_name.rsplit(", VocabTrim", 1)[0]
+        base = trim_base
         full, trim = [], []
         for _ in range(3):
             full.append(forward_ms(nets[base], args.context, 1, args.reps))

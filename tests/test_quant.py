@@ -46,7 +46,7 @@ def test_trimmed_int8_head_is_the_full_head_at_the_kept_rows():
     assert isinstance(trim, quant.QuantLinear) and trim.out_features == 5
     x = torch.randn(3, 64, generator=g)
     assert torch.equal(trim(x), full(x)[:, keep])
-    deq, _ = full.weight()
+    deq, _ = full.dequantized()
     assert float((deq - w).abs().max()) < float(w.abs().max()) / 127  # within one int8 step
 
 

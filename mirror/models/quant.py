@@ -58,7 +58,7 @@ class QuantLinear(nn.Module):
     def from_linear(cls, lin: nn.Module) -> "QuantLinear":
         return cls(lin.weight, getattr(lin, "bias", None))
 
-    def weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The dequantized fp32 weight (exactly the int8 values times their scales) and the bias."""
         qw, b = torch.ops.quantized.linear_unpack(self._packed)
         return qw.dequantize(), b
@@ -67,7 +67,7 @@ class QuantLinear(nn.Module):
         """A QuantLinear of output rows `ids` only (VocabTrim on an int8 LM head). Re-quantizing the
         dequantized rows gives back the same int8 values and scales (a row's largest |value| is
         127 of its scale), so its outputs equal this layer's outputs at `ids` exactly."""
-        w, b = self.weight()
+        w, b = self.dequantized()
         return QuantLinear(w[ids], None if b is None else b[ids])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
