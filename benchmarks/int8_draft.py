@@ -134,18 +134,17 @@ def main(argv=None) -> dict:
     print(f"target step (window of {G + 1}, 1 thread): {res['target_step_ms']:.1f} ms; int8 draft token: {ms:.1f} ms "
           f"= {res['draft_ratio_to_target_step']:.3f} of a target step")
     if trim_name is not None:  # side by side, alternating, so load drift hits both alike
-        base = trim_base
         full, trim = [], []
         for _ in range(3):
-            full.append(forward_ms(nets[base], args.context, 1, args.reps))
+            full.append(forward_ms(nets[trim_base], args.context, 1, args.reps))
             trim.append(forward_ms(nets[trim_name], args.context, 1, args.reps))
         f, tr = sorted(full)[1], sorted(trim)[1]
         res["vocab_trim"] = {"file": args.vocab_trim, "size": len(vt), "full_ms": f, "trim_ms": tr,
                              "step_cut": 1 - tr / f, "trim_ratio_to_target_step": tr / res["target_step_ms"],
-                             "tau_loss": 1 - res["variants"][trim_name]["tau"] / res["variants"][base]["tau"]}
+                             "tau_loss": 1 - res["variants"][trim_name]["tau"] / res["variants"][trim_base]["tau"]}
         print(f"VocabTrim ({len(vt)} tokens) on the int8 head: draft token {f:.1f} -> {tr:.1f} ms "
               f"({100 * res['vocab_trim']['step_cut']:.1f}% less; {res['vocab_trim']['trim_ratio_to_target_step']:.3f} "
-              f"of a target step), tau {res['variants'][base]['tau']:.2f} -> {res['variants'][trim_name]['tau']:.2f}")
+              f"of a target step), tau {res['variants'][trim_base]['tau']:.2f} -> {res['variants'][trim_name]['tau']:.2f}")
     if args.onnx is not None:
         ms = forward_ms(nets["int8, ONNX Runtime (CPU EP)"], args.context, 1, args.reps)
         res["onnx_draft_ms_per_token"] = ms
