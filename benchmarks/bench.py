@@ -21,6 +21,8 @@ every method (Spec-Bench re-tokenizes the baseline's text and counts the EOS for
 each method is warmed up on a short prompt first (Spec-Bench's warm-up is commented out); and
 methods run interleaved per question in one process (Spec-Bench runs one method per process),
 with the order rotated per question, so machine noise and position effects hit all alike.
+Every finished question is appended to OUT/records.jsonl (the journal): a long run that stops
+keeps what it measured, and `--resume` with the same settings runs only the questions left.
 `tau` is pooled over all steps (Spec-Bench's mean accepted tokens), as are the acceptance,
 hit and miss rates. `decode_speedup` is the same ratio with prefill time left out.
 """
@@ -226,9 +228,18 @@ def question_record(turns: list[dict], identical: bool | None) -> dict:
 
 
 def run_bench(methods: list[Method], tokenizer, questions: list[dict], params, warmup: int = 1,
-              progress: bool = True) -> list[dict]:
-    """Interleave: for each question, every method (order rotated per question)."""
+              progress: bool = True, done: list[dict] | None = None,
+              on_record: Callable[[dict], None] | None = None) -> list[dict]:
+    """Interleave: for each question, every method (order rotated per question).
+
+    `done`: records of the first questions from an earlier, interrupted run (`--resume`); they
+    are kept and their questions skipped. `on_record` sees each new record as it completes (the
+    journal)."""
     from tqdm import tqdm
+
+    out = list(done or [])
+    if len(out) >= len(questions):
+        return out[:len(questions)]
 
     if warmup and questions:
         from mirror.sampling import SamplingParams
@@ -238,10 +249,12 @@ def run_bench(methods: list[Method], tokenizer, questions: list[dict], params, w
         for m in methods:
             for _ in range(warmup):
                 m.engine.generate(chat_ids(tokenizer, [{"role": "user", "content": "Hello!"}]), wp, m.spec)
-    out = []
-    bar = tqdm(total=len(questions) * len(methods), desc="bench", unit="run", disable=not progress,
-               file=sys.stderr)
+    bar = tqdm(total=len(questions) * len(methods), initial=len(out) * len(methods), desc="bench", unit="run",
+               disable=not progress, file=sys.stderr)
     for i, q in enumerate(questions):
+        if i < len(out):
+            continue
+        t_q = time.perf_counter()
         k = i % len(methods)
         order = methods[k:] + methods[:k]
         recs, ids = {}, {}
@@ -251,12 +264,63 @@ def run_bench(methods: list[Method], tokenizer, questions: list[dict], params, w
             bar.update(1)
         base = ids[BASELINE]
         out.append({"question_id": q.get("question_id", i), "category": category(q),
-                    "n_turns": len(q["turns"]),
+                    "n_turns": len(q["turns"]), "bench_s": time.perf_counter() - t_q,
                     "methods": {m.label: question_record(recs[m.label],
                                                          ids[m.label] == base if params.greedy else None)
                                 for m in methods}})
+        if on_record is not None:
+            on_record(out[-1])
     bar.close()
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Journal: every finished question is appended to OUT/records.jsonl, so a long run that is
+# interrupted keeps its questions and `--resume` goes on from the first one missing.
+# ---------------------------------------------------------------------------------------------
+JOURNAL = "records.jsonl"
+# what must match for records of an earlier run to count in this one
+RUN_KEYS = ("questions_file", "per_category", "max_new_tokens", "temperature", "seed", "methods", "specs",
+            "runtime", "model", "dtype")
+
+
+def run_key(config: dict) -> dict:
+    return {k: config.get(k) for k in RUN_KEYS}
+
+
+def load_journal(path: str, config: dict, questions: list[dict]) -> list[dict]:
+    """Records of an earlier run with the same settings, in question order. Raises ValueError
+    when the journal belongs to another run (other methods, questions, tokens, ...)."""
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    if not lines or "run" not in lines[0]:
+        raise ValueError(f"{path}: not a mirror bench journal")
+    theirs, ours = lines[0]["run"], run_key(config)
+    diff = [k for k in RUN_KEYS if theirs.get(k) != ours.get(k)]
+    if diff:
+        raise ValueError(f"{path} is from a run with other settings ({', '.join(diff)} differ); "
+                         f"use another --out or drop --resume")
+    recs = [r for r in lines[1:] if "question_id" in r]
+    for i, r in enumerate(recs):
+        if i >= len(questions) or r["question_id"] != questions[i].get("question_id", i):
+            raise ValueError(f"{path}: record {i + 1} (question {r['question_id']}) does not match the "
+                             f"selected questions; use another --out or drop --resume")
+    return recs
+
+
+class Journal:
+    def __init__(self, path: str, config: dict, records: list[dict]):
+        self.path = path
+        with open(path, "w") as f:  # rewritten whole: header + the records kept
+            f.write(json.dumps({"run": run_key(config)}) + "\n")
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+
+    def __call__(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +462,9 @@ def add_args(p) -> None:
                         "(Chrome trace JSON) and PATH.png")
     p.add_argument("--profile", action="store_true",
                    help="also write the exit profile (benchmarks.exit_profile) into --out")
+    p.add_argument("--resume", action="store_true",
+                   help=f"keep the questions an interrupted run with the same settings finished "
+                        f"(OUT/{JOURNAL}) and run the rest")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -459,10 +526,23 @@ def cmd_bench(args) -> int:
               "python": platform.python_version(), "torch": torch.__version__,
               "machine": platform.machine(), "cpu_count": os.cpu_count(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    jpath = os.path.join(args.out, JOURNAL)
+    done: list[dict] = []
+    if args.resume and os.path.isfile(jpath):
+        try:
+            done = load_journal(jpath, config, questions)
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            _die(f"--resume: {e}")
+        print(f"mirror bench: resuming after {len(done)} of {len(questions)} questions from {jpath}",
+              file=sys.stderr)
+    journal = Journal(jpath, config, done)
     t0 = time.perf_counter()
     records = run_bench(methods, lm.tokenizer, questions, params, warmup=args.warmup,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, done=done, on_record=journal)
     config["elapsed_s"] = time.perf_counter() - t0
+    config["resumed_questions"] = len(done)
+    # all questions' time, earlier runs' included (methods only: no model load, no warm-up)
+    config["questions_s"] = sum(r.get("bench_s", 0.0) for r in records)
     labels = [m.label for m in methods]
     summary = summarize(records, labels)
     paths = write_results(args.out, config, summary, records, labels)

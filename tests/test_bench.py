@@ -82,6 +82,48 @@ def test_bench_cli_results_identical_outputs_and_speedup_arithmetic(cli_model, t
     assert "results.json" in capsys.readouterr().out
 
 
+def test_resume_keeps_the_journaled_questions_and_runs_the_rest(cli_model, tmp_path, capsys):
+    """An interrupted run leaves OUT/records.jsonl; `--resume` keeps its questions (same records,
+    same times) and runs only the missing ones; a journal of other settings is refused."""
+    qfile = write_questions(tmp_path / "q.jsonl", QUESTIONS)
+    out = tmp_path / "out"
+    args = ["bench", "--questions", qfile, "--methods", "ar", "sd:ngram", "--max-new-tokens", "8",
+            "--out", str(out), "--threads", "1", "--warmup", "0", "--no-progress"]
+    assert main(args) == 0
+    journal = out / bench.JOURNAL
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 1 + len(QUESTIONS)  # header + one record per question
+    first = json.loads(lines[1])
+    journal.write_text("\n".join(lines[:2]) + "\n")  # as if stopped after the first question
+    assert main(args + ["--resume"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [q["question_id"] for q in res["questions"]] == [1, 2]
+    assert res["questions"][0] == first  # kept, not rerun
+    assert res["config"]["resumed_questions"] == 1
+    assert res["config"]["questions_s"] == pytest.approx(sum(q["bench_s"] for q in res["questions"]))
+    assert res["summary"]["overall"]["sd:ngram"]["identical"] == len(QUESTIONS)
+    assert len(journal.read_text().splitlines()) == 1 + len(QUESTIONS)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # other settings: refused, journal untouched
+        main([a if a != "8" else "4" for a in args] + ["--resume"])  # --max-new-tokens 4
+    assert e.value.code != 0
+    assert "max_new_tokens" in capsys.readouterr().err
+    assert len(journal.read_text().splitlines()) == 1 + len(QUESTIONS)
+
+
+def test_journal_that_does_not_match_the_questions_is_refused(tmp_path):
+    config = {"methods": ["ar"], "max_new_tokens": 8}
+    path = tmp_path / bench.JOURNAL
+    rec = {"question_id": 7, "category": "qa", "methods": {}}
+    path.write_text(json.dumps({"run": bench.run_key(config)}) + "\n" + json.dumps(rec) + "\n")
+    with pytest.raises(ValueError, match="does not match"):
+        bench.load_journal(str(path), config, QUESTIONS)
+    assert bench.load_journal(str(path), config, [{"question_id": 7}]) == [rec]
+    path.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(ValueError, match="not a mirror bench journal"):
+        bench.load_journal(str(path), config, QUESTIONS)
+
+
 def test_missing_question_file_exits_nonzero_naming_spec_bench(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--questions", str(tmp_path / "absent.jsonl")])
