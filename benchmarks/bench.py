@@ -239,7 +239,7 @@ def run_bench(methods: list[Method], tokenizer, questions: list[dict], params, w
 
     out = list(done or [])
     if len(out) >= len(questions):
-        return out[:len(questions)]
+        return out
 
     if warmup and questions:
         from mirror.sampling import SamplingParams
@@ -251,9 +251,8 @@ def run_bench(methods: list[Method], tokenizer, questions: list[dict], params, w
                 m.engine.generate(chat_ids(tokenizer, [{"role": "user", "content": "Hello!"}]), wp, m.spec)
     bar = tqdm(total=len(questions) * len(methods), initial=len(out) * len(methods), desc="bench", unit="run",
                disable=not progress, file=sys.stderr)
-    for i, q in enumerate(questions):
-        if i < len(out):
-            continue
+    for i in range(len(out), len(questions)):
+        q = questions[i]
         t_q = time.perf_counter()
         k = i % len(methods)
         order = methods[k:] + methods[:k]

@@ -6,26 +6,22 @@ at M = 1..8 rows (one decode token .. a verify window) in two weight layouts.
 `linear` is what the model runs: F.linear(x, W) with W stored [out, in]. `x@Wt` multiplies by a
 pre-transposed contiguous copy [in, out]. The shapes are SmolLM2-135M's (30 layers of q, k, v,
 o, gate, up, down; the tied 49,152-row head), with distinct random weights per layer so nothing
-stays in cache. Prints ms per pass over all layers and for the head, and GFLOP/s.
+stays in cache. Prints the median ms per pass over all layers and for the head, and GFLOP/s.
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+
+from .exit_profile import _median_time
 
 LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
 def _time(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t) / reps * 1000
+    return _median_time(fn, reps, warm=3) * 1000
 
 
 def main(argv=None) -> int:
