@@ -291,7 +291,15 @@ def load_journal(path: str, config: dict, questions: list[dict]) -> list[dict]:
     """Records of an earlier run with the same settings, in question order. Raises ValueError
     when the journal belongs to another run (other methods, questions, tokens, ...)."""
     with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
+        raw = [line for line in f if line.strip()]
+    lines = []
+    for n, line in enumerate(raw):
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(raw) - 1 and n > 0:
+                break  # the last record's write was cut by the stop: that question runs again
+            raise ValueError(f"{path}: line {n + 1} is not JSON") from None
     if not lines or "run" not in lines[0]:
         raise ValueError(f"{path}: not a mirror bench journal")
     theirs, ours = lines[0]["run"], run_key(config)
