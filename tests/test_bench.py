@@ -399,3 +399,28 @@ def test_draft_cost_from_a_bench_run_divides_draft_time_by_drafted_tokens(tmp_pa
     path.write_text(json.dumps(res))
     with pytest.raises(SystemExit, match="in-process"):
         from_bench(str(path))
+
+
+def test_linear_layouts_times_every_path_and_checks_row_invariance(capsys):
+    """benchmarks.linear_layouts: the model's packed Linear is row-invariant (what exact
+    verification needs) and the check catches a product whose rows depend on the row count."""
+    import torch
+
+    from benchmarks import linear_layouts as ll
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    paths = ll.make_paths([w], threads=1, with_ort=False)
+    with torch.inference_mode():
+        assert ll.row_invariant(paths["model"], [64], 6)
+        ref = paths["model"]({64: torch.ones(1, 64)})[0]
+        assert torch.allclose(ref, w.sum(1)[None], atol=1e-4)  # really x W^T
+
+        def drifting(xs):  # rows rounded differently once there are several of them
+            x = xs[64]
+            return [x @ w.t() * (1 + 1e-6 * (x.shape[0] > 1))]
+        assert not ll.row_invariant(drifting, [64], 6)
+    assert ll.main(["--threads", "1", "--layers", "1", "--rows", "1", "2", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"layers+head: {p}" in out for p in ll.PATHS)
+    assert "model yes" in out and "ort " in out
