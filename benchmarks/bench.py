@@ -87,6 +87,24 @@ class InProcessEngine:
         return generate(self.model, self.tokenizer, prompt_ids, params, spec, drafter=drafter)
 
 
+def onnx_engine(lm, specs) -> InProcessEngine:
+    """The in-process engine over the same weights on the onnx target backend, its layers cut
+    at every Mirror-SD method's exit layer (built once, outside the timed calls)."""
+    import dataclasses
+
+    import torch
+
+    from mirror.models.ort_target import OrtTarget
+
+    n = lm.model.cfg.n_layers
+    splits = sorted({s.resolve_exit_layer(n) for s in specs if s is not None and s.method == "mirror"})
+    t = time.perf_counter()
+    target = OrtTarget(lm.model, splits=splits, threads=torch.get_num_threads())
+    print(f"mirror bench: onnx target backend built in {time.perf_counter() - t:.1f} s (segments "
+          f"{target.bounds}; ONNX Runtime pool {target.pool})", file=sys.stderr)
+    return InProcessEngine(dataclasses.replace(lm, model=target))
+
+
 class DistributedBenchEngine:
     """The distributed runtime (Ray actors + the gRPC token channel) of a deployment config,
     embedded by default: every method, `ar` included, runs on the target worker (its own
@@ -155,18 +173,51 @@ class Method:
     spec: object | None  # SpecConfig, None for plain decoding and peers
     engine: Engine
     peer: bool = False
+    backend: str = "torch"  # the target's backend (see method_backend)
+
+
+TARGET_BACKENDS = ("torch", "onnx")
+
+
+def method_backend(text: str) -> tuple[str, str]:
+    """Split a `target_backend=torch|onnx` setting off a method label: 'ar@target_backend=onnx'
+    -> ('ar', 'onnx'); 'mirror:ngram@gamma=3,target_backend=onnx' -> ('mirror:ngram@gamma=3',
+    'onnx'). The backend is how the target runs (mirror.models.ort_target), not part of the spec."""
+    head, at, over = text.partition("@")
+    keep, backend = [], "torch"
+    for kv in filter(None, over.split(",")):
+        k, _, v = kv.partition("=")
+        if k.strip().replace("-", "_") == "target_backend":
+            backend = v.strip()
+            if backend not in TARGET_BACKENDS:
+                raise ValueError(f"{text!r}: target_backend must be one of {', '.join(TARGET_BACKENDS)}, "
+                                 f"got {backend!r}")
+        else:
+            keep.append(kv)
+    return head + ("@" + ",".join(keep) if keep else ""), backend
+
+
+def reference_label(label: str, labels: list[str]) -> str:
+    """The plain-decoding run a method's outputs and same-target speedup are compared with:
+    `ar` on the method's target backend when the run has it, else the baseline."""
+    backend = method_backend(label)[1]
+    same = next((lb for lb in labels if method_backend(lb) == ("ar", backend)), None)
+    return same or BASELINE
 
 
 def parse_method(text: str, base: dict) -> tuple[str, object | None]:
-    """'mirror:ngram+self@gamma=3,kappa=4' -> (label, SpecConfig); 'ar' -> ('ar', None)."""
+    """'mirror:ngram+self@gamma=3,kappa=4' -> (label, SpecConfig); 'ar' -> ('ar', None).
+    A `target_backend=...` setting stays in the label and out of the spec."""
     from mirror.spec_config import SpecConfig
 
+    label = text
+    text = method_backend(text)[0]
     head, _, over = text.partition("@")
     method, _, draft = head.partition(":")
     if method == "ar":
         if draft or over:
-            raise ValueError(f"{text!r}: plain decoding takes no draft or settings")
-        return "ar", None
+            raise ValueError(f"{label!r}: plain decoding takes no draft or settings (but target_backend)")
+        return label, None
     d = dict(base)
     d["method"] = method
     if draft:
@@ -174,12 +225,12 @@ def parse_method(text: str, base: dict) -> tuple[str, object | None]:
     for kv in filter(None, over.split(",")):
         k, eq, v = kv.partition("=")
         if not eq:
-            raise ValueError(f"{text!r}: expected key=value after '@', got {kv!r}")
+            raise ValueError(f"{label!r}: expected key=value after '@', got {kv!r}")
         try:
             d[k.strip().replace("-", "_")] = json.loads(v)
         except json.JSONDecodeError:
             d[k.strip().replace("-", "_")] = v
-    return text, SpecConfig.from_dict(d)
+    return label, SpecConfig.from_dict(d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,12 +312,12 @@ def run_bench(methods: list[Method], tokenizer, questions: list[dict], params, w
             bar.set_postfix_str(f"{category(q)} {m.label}")
             recs[m.label], ids[m.label] = run_turns(m, tokenizer, q["turns"], params)
             bar.update(1)
-        base = ids[BASELINE]
+        labels = [m.label for m in methods]
         out.append({"question_id": q.get("question_id", i), "category": category(q),
                     "n_turns": len(q["turns"]), "bench_s": time.perf_counter() - t_q,
-                    "methods": {m.label: question_record(recs[m.label],
-                                                         ids[m.label] == base if params.greedy else None)
-                                for m in methods}})
+                    "methods": {m.label: question_record(
+                        recs[m.label], ids[m.label] == ids[reference_label(m.label, labels)] if params.greedy else None)
+                        for m in methods}})
         if on_record is not None:
             on_record(out[-1])
     bar.close()
@@ -350,6 +401,8 @@ def summarize(records: list[dict], labels: list[str]) -> dict:
         base_dec = statistics.fmean(r["methods"][BASELINE]["decode_tok_s"] for r in rs)
         out[cat] = {}
         for label in labels:
+            ref = reference_label(label, labels)
+            ref_tok_s = statistics.fmean(r["methods"][ref]["tok_s"] for r in rs)
             qs = [r["methods"][label] for r in rs]
             ms = [t["metrics"] for q in qs for t in q["turns"]]
             steps = sum(m["target_steps"] for m in ms)
@@ -362,6 +415,7 @@ def summarize(records: list[dict], labels: list[str]) -> dict:
             ident = [q["identical_to_ar"] for q in qs]
             out[cat][label] = {
                 "questions": len(qs), "tok_s": tok_s, "speedup": _ratio(tok_s, base_tok_s),
+                "reference": ref, "speedup_same_target": _ratio(tok_s, ref_tok_s),
                 "decode_tok_s": dec, "decode_speedup": None if dec is None else _ratio(dec, base_dec),
                 "tau": (accepted + steps) / steps if steps else None,
                 "acceptance_rate": accepted / drafted if drafted else None,
@@ -389,6 +443,15 @@ def markdown(summary: dict, labels: list[str], config: dict) -> str:
              "| method | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
     for lb in labels:
         lines.append(f"| {lb} | " + " | ".join(_f(summary[c][lb]["speedup"], "{:.2f}x") for c in cats) + " |")
+    other = [lb for lb in labels if summary[cats[-1]][lb].get("reference", BASELINE) != BASELINE]
+    if other:
+        lines += ["", "## Speedup over plain decoding on the same target backend", "",
+                  "Methods run on another target backend (`target_backend=`) against `ar` on that backend; "
+                  "'identical to ar' below is against that run too.", "",
+                  "| method | reference | " + " | ".join(cats) + " |", "|---" * (len(cats) + 2) + "|"]
+        for lb in other:
+            lines.append(f"| {lb} | {summary[cats[-1]][lb]['reference']} | " +
+                         " | ".join(_f(summary[c][lb]["speedup_same_target"], "{:.2f}x") for c in cats) + " |")
     lines += ["", "## Details", "",
               "| category | method | tok/s | speedup | decode speedup | tau | acceptance | hit | miss "
               "| identical to ar |", "|---" * 10 + "|"]
@@ -512,7 +575,14 @@ def cmd_bench(args) -> int:
         _die(UNAVAILABLE.get(args.runtime, f"unknown runtime {args.runtime!r}"))
     lm = load_from_args(args)
     engine = ENGINES[args.runtime](lm, args.config) if args.runtime == "distributed" else ENGINES[args.runtime](lm)
-    methods = [Method(label, spec, engine) for label, spec in parsed]
+    backends = {label: method_backend(label)[1] for label, _ in parsed}
+    engines = {"torch": engine}
+    if any(b == "onnx" for b in backends.values()):
+        if args.runtime != "inprocess":
+            _die("target_backend in a method label is for --runtime inprocess; the distributed runtime "
+                 "takes target.backend from its deployment config")
+        engines["onnx"] = onnx_engine(lm, [spec for label, spec in parsed if backends[label] == "onnx"])
+    methods = [Method(label, spec, engines[backends[label]], backend=backends[label]) for label, spec in parsed]
     if args.peers:
         from .peers import PeersUnavailable, peer_methods
 

@@ -189,6 +189,22 @@ def test_mt_bench_second_turn_holds_the_models_own_first_answer(bundled):
 
 
 # --- pure parts ------------------------------------------------------------------------------
+def test_method_backend_splits_target_backend_off_labels():
+    assert bench.method_backend("ar@target_backend=onnx") == ("ar", "onnx")
+    assert bench.method_backend("mirror:ngram@gamma=3,target_backend=onnx,kappa=2") == ("mirror:ngram@gamma=3,kappa=2",
+                                                                                    "onnx")
+    assert bench.method_backend("sd:ngram@gamma=3") == ("sd:ngram@gamma=3", "torch")
+    with pytest.raises(ValueError, match="target_backend must be one of"):
+        bench.method_backend("ar@target_backend=tpu")
+    label, spec = bench.parse_method("mirror:ngram@gamma=3,target_backend=onnx", {})
+    assert label == "mirror:ngram@gamma=3,target_backend=onnx" and spec.gamma == 3
+    assert bench.parse_method("ar@target_backend=onnx", {}) == ("ar@target_backend=onnx", None)
+    labels = ["ar", "mirror:ngram", "ar@target_backend=onnx", "mirror:ngram@target_backend=onnx"]
+    assert bench.reference_label("mirror:ngram@target_backend=onnx", labels) == "ar@target_backend=onnx"
+    assert bench.reference_label("mirror:ngram", labels) == "ar"
+    assert bench.reference_label("mirror:ngram@target_backend=onnx", labels[:2]) == "ar"
+
+
 def test_parse_method():
     label, spec = bench.parse_method("mirror:ngram+self@gamma=3,kappa=4", {"gamma": 7, "budget": 4})
     assert label == "mirror:ngram+self@gamma=3,kappa=4"

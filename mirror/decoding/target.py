@@ -52,6 +52,8 @@ class TargetPipeline:
                  exit_head=None):
         self.model, self.params, self.spec = model, params, spec
         self.le = spec.resolve_exit_layer(model.cfg.n_layers)
+        if spec.method == "mirror" and hasattr(model, "split_at"):
+            model.split_at(self.le)  # a graph-backed target cuts its layers at the exit layer
         self.kappa = spec.kappa
         keep = None
         if spec.exit_trim:
