@@ -102,7 +102,17 @@ def onnx_engine(lm, specs) -> InProcessEngine:
     target = OrtTarget(lm.model, splits=splits, threads=torch.get_num_threads())
     print(f"mirror bench: onnx target backend built in {time.perf_counter() - t:.1f} s (segments "
           f"{target.bounds}; ONNX Runtime pool {target.pool})", file=sys.stderr)
-    return InProcessEngine(dataclasses.replace(lm, model=target))
+    return OnnxInProcessEngine(dataclasses.replace(lm, model=target))
+
+
+class OnnxInProcessEngine(InProcessEngine):
+    """In-process on the onnx target: PyTorch on one thread during each call (host_threads)."""
+
+    def generate(self, prompt_ids, params, spec):
+        from mirror.models.ort_target import host_threads
+
+        with host_threads(1):
+            return super().generate(prompt_ids, params, spec)
 
 
 class DistributedBenchEngine:

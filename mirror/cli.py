@@ -149,6 +149,8 @@ def deployment_from_args(args):
             over["draft"] = dataclasses.replace(deploy.draft, **draft)
         if getattr(args, "model", None):
             over["model"] = args.model
+        if getattr(args, "target_backend", None):
+            over["target"] = dataclasses.replace(deploy.target, backend=args.target_backend)
         if getattr(args, "dtype", None) and args.dtype != "fp32":
             over["dtype"] = args.dtype
         return dataclasses.replace(deploy, **over)
@@ -204,13 +206,26 @@ def cmd_generate(args) -> int:
     params = sampling_from_args(args)
     deploy = deployment_from_args(args)
     if args.inprocess:
-        return _generate_inprocess(args, params, deploy.speculative)
+        return _generate_inprocess(args, params, deploy.speculative, deploy.target.backend)
     return _generate_distributed(args, params, deploy)
 
 
-def _generate_inprocess(args, params, spec) -> int:
+def _generate_inprocess(args, params, spec, backend: str = "torch") -> int:
     """The reference path: target and draft in this process, one after the other."""
     lm = load_from_args(args)
+    if backend == "onnx":
+        import dataclasses
+
+        from .models.ort_target import OrtTarget
+
+        splits = [spec.resolve_exit_layer(lm.model.cfg.n_layers)] if spec.method == "mirror" else []
+        try:
+            lm = dataclasses.replace(lm, model=OrtTarget(lm.model, splits=splits))
+        except (RuntimeError, ValueError) as e:
+            _die(str(e))
+        import torch
+
+        torch.set_num_threads(1)  # host-side ops only: ONNX Runtime's pool has the cores (host_threads)
     ids = prompt_ids(lm, args.prompt, args.raw, args.system)
     from contextlib import nullcontext
 
@@ -246,7 +261,7 @@ def _generate_inprocess(args, params, spec) -> int:
         print(json.dumps(d))
     else:
         sys.stdout.write("\n")
-        where = "in-process"
+        where = "in-process" + (", target on ONNX Runtime" if backend == "onnx" else "")
         if "draft_backend" in m.extra:  # an ONNX Runtime draft: say where it ran
             st = m.extra["draft_backend"]
             where += f", draft on {st['provider']}" + (" after fallback" if st["fallback"] else "")
@@ -654,6 +669,9 @@ def main(argv=None) -> int:
                    help="deployment config (default: the embedded local runtime, as deploy/local.yaml)")
     g.add_argument("--inprocess", action="store_true",
                    help="reference path for debugging: target and draft in this process, no Ray/gRPC")
+    g.add_argument("--target-backend", default=None, choices=["torch", "onnx"],
+                   help="how the target runs (default: the deployment config's, torch): onnx = its layers "
+                        "as ONNX Runtime graphs (fp32 CPU)")
     add_spec_args(g)
     g.set_defaults(func=cmd_generate)
 

@@ -43,8 +43,27 @@ def test_generate_inprocess_streams_text_then_a_stats_line(bundled, capsys):
     assert stats.startswith("[sd") and f"{len(ref.ids)} new tokens" in stats and "tok/s" in stats
 
 
+@pytest.mark.xdist_group("ray")  # starts the embedded Ray runtime
+def test_generate_onnx_target_backend_embedded_and_inprocess_agree(bundled, capsys):
+    """--target-backend onnx: the target actor runs ONNX Runtime graphs; Mirror-SD's output is
+    the onnx target's own plain greedy decoding, through the embedded runtime and in-process."""
+    from mirror.models.ort_target import OrtTarget
+
+    ids = bundled.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
+    ref = generate(OrtTarget(bundled.model), bundled.tokenizer, ids, SamplingParams(max_new_tokens=20))
+    rc = main(["generate", PROMPT, "--max-new-tokens", "20", "--json", "--target-backend", "onnx"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["runtime"] == "distributed" and out["method"] == "mirror" and out["degraded"] is None
+    assert out["ids"] == ref.ids
+    rc = main(["generate", PROMPT, "--max-new-tokens", "20", "--json", "--target-backend", "onnx", "--inprocess"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ids"] == ref.ids
+
+
 @pytest.mark.parametrize("argv, message", [
     (["generate", "   "], "prompt is empty"),
+    (["generate", "Hi", "--target-backend", "onnx", "--dtype", "bf16"], "runs fp32"),
     (["generate", "Hi", "--max-new-tokens", "0"], "max_new_tokens"),
     (["generate", "Hi", "--temperature", "-1"], "temperature"),
     (["generate", "Hi", "--method", "mirror", "--kappa", "0"], "kappa"),

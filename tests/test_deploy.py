@@ -42,6 +42,9 @@ def test_bad_configs_are_rejected(tmp_path):
         "bad placement": {"placement": "EVERYWHERE"},
         "bad speculative": {"speculative": {"gamma": 0}},
         "bundled artifacts on another model": {"model": "other.gguf", "speculative": {"exit_head": "bundled"}},
+        "unknown target backend": {"target": {"backend": "tpu"}},
+        "onnx target over two workers": {"target": {"backend": "onnx", "num_workers": 2}},
+        "onnx target in bf16": {"dtype": "bf16", "target": {"backend": "onnx"}},
     }
     for name, d in bad.items():
         p = tmp_path / "bad.yaml"

@@ -95,3 +95,14 @@ def test_ort_target_bundled_greedy_speculation_is_its_own_plain_decoding(bundled
         out = generate(ot, lm.tokenizer, prompt, p, spec)
         assert out.ids == ref.ids, (spec.method, out.text, ref.text)
         assert out.metrics.target_steps < len(ref.ids)  # it did speculate
+
+
+def test_host_threads_sets_and_restores_torch_threads():
+    from mirror.models.ort_target import host_threads
+
+    old = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with host_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("a failed call restores the threads too")
+    assert torch.get_num_threads() == old

@@ -23,6 +23,7 @@ tables and masks stay in PyTorch (a few small ops per call).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -199,6 +200,20 @@ def _session(proto, threads: int):
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+@contextlib.contextmanager
+def host_threads(n: int = 1):
+    """PyTorch on `n` threads for the small host-side ops between ONNX Runtime calls (embedding,
+    masks, early-exit head, acceptance). PyTorch's pool and ONNX Runtime's, each spinning after
+    its work, otherwise fight over the cores: measured on 2 cores, a Mirror-SD step on this
+    backend took 64 ms with PyTorch on 2 threads and 41.5 ms on 1 (its exit head 14 -> 3 ms)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class OrtTarget:
     """A `Transformer` whose layers and head run as ONNX Runtime sessions (one cache row).
 
@@ -211,6 +226,12 @@ class OrtTarget:
     backend = "onnx"
 
     def __init__(self, model: Transformer, splits=(), threads: int | None = None):
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(f"the onnx target backend needs ONNX Runtime and onnx ({e}): "
+                               "pip install 'mirror-sd[onnx]'") from e
         w = model.tok_emb.weight
         if w.dtype != torch.float32 or w.device.type != "cpu":
             raise ValueError("the onnx target backend runs fp32 models on the CPU")
@@ -280,10 +301,10 @@ class OrtTarget:
                              f"boundaries {self.bounds} (split_at() adds one)")
         B, T, _ = h.shape
         row = 0 if rows is None else rows
-        if isinstance(row, range):
-            if len(row) != 1:
-                raise ValueError("the onnx target backend runs one cache row per call")
+        if isinstance(row, range) and len(row) == 1:
             row = row.start
+        if not isinstance(row, int):
+            raise ValueError("the onnx target backend runs one cache row per call")
         if B != 1 or positions.shape != (1, T):
             raise ValueError("the onnx target backend runs one sequence per call (batch 1)")
         S = cache.max_len

@@ -47,6 +47,7 @@ class TargetConfig:
     cpu_affinity: list[int] | None = None  # cores for worker 0 (then the next ones); None = leave
     tp_backend: str = "auto"  # gloo on CPU, nccl on CUDA
     resource: str | None = None  # optional custom Ray resource that marks target nodes
+    backend: str = "torch"  # "torch" (eager) or "onnx" (ONNX Runtime graphs, fp32 CPU, one worker)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -57,6 +58,10 @@ class TargetConfig:
             raise ValueError("target.device cuda needs num_gpus > 0")
         if self.tp_backend not in ("auto", "gloo", "nccl"):
             raise ValueError("target.tp_backend must be auto, gloo or nccl")
+        if self.backend not in ("torch", "onnx"):
+            raise ValueError(f"target.backend must be torch or onnx, got {self.backend!r}")
+        if self.backend == "onnx" and (self.device != "cpu" or self.num_workers != 1):
+            raise ValueError("target.backend onnx runs one CPU worker (device cpu, num_workers 1)")
 
 
 @dataclass(slots=True)
@@ -116,6 +121,8 @@ class DeploymentConfig:
             raise ValueError(f"placement must be one of {', '.join(STRATEGIES)}, got {self.placement!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.target.backend == "onnx" and self.dtype != "fp32":
+            raise ValueError("target.backend onnx runs fp32 (dtype: fp32)")
         bundled = [f for f in BUNDLED_ARTIFACT_FIELDS if getattr(self.speculative, f) == "bundled"]
         if self.model is not None and bundled:
             raise ValueError(f"speculative: {', '.join(bundled)}: 'bundled' artifacts belong to the bundled "

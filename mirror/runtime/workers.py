@@ -223,6 +223,13 @@ class TargetWorker:
         self.model, self.tokenizer = lm.model, lm.tokenizer
         if t.device == "cuda":
             self.model = self.model.to("cuda").prepare()
+        if t.backend == "onnx":
+            from ..models.ort_target import OrtTarget
+
+            spec = self.deploy.speculative
+            splits = [spec.resolve_exit_layer(self.model.cfg.n_layers)] if spec.method == "mirror" else []
+            self.model = OrtTarget(self.model, splits=splits, threads=t.threads)
+            torch.set_num_threads(1)  # host-side ops only: ONNX Runtime's pool has the cores (host_threads)
         self.rank, self.world, self.master = rank, world, master
         self.driver = self.model
         self._cancel: dict[str, threading.Event] = {}
