@@ -51,6 +51,9 @@ def _ort_session(weights: list[torch.Tensor], threads: int):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    from mirror.models.ort_target import join_global_pool
+
+    join_global_pool(so)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 

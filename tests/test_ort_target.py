@@ -106,3 +106,36 @@ def test_host_threads_sets_and_restores_torch_threads():
             assert torch.get_num_threads() == 1
             raise RuntimeError("a failed call restores the threads too")
     assert torch.get_num_threads() == old
+
+
+def test_draft_sessions_after_an_onnx_target_join_its_thread_pool(tmp_path):
+    """An onnx target makes ONNX Runtime's thread pool process-wide; ONNX Runtime then refuses
+    sessions with their own threads, so the ORT draft's sessions (created later, in the same
+    process) must join it. Run in a fresh interpreter: the pool is per process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from helpers import tiny_model
+        from mirror.decoding.drafters.network import DraftNet
+        from mirror.models import ort_target
+        from mirror.onnx.export import export_draft
+        from mirror.onnx.runtime import OrtDraftNet
+        model = tiny_model("tiny")
+        ot = ort_target.OrtTarget(model)
+        assert ot.pool.startswith("shared"), ot.pool
+        export_draft(DraftNet.self_draft(model, 1), r"%s", target_cfg=model.cfg, rows=2, step_width=4,
+                     max_len=32)
+        net = OrtDraftNet(r"%s", target_cfg=model.cfg)
+        cache = net.new_cache(1, 32)
+        out = net(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], cache, kv_len=3, last_only=True)
+        print("ok", tuple(out.shape))
+    """ % (tmp_path, tmp_path))
+    import os
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ok" in r.stdout

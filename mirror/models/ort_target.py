@@ -186,6 +186,17 @@ def _global_pool(threads: int) -> bool:
     return _GLOBAL_POOL == threads
 
 
+def join_global_pool(so) -> bool:
+    """Once this process has the shared ONNX Runtime pool, every later session must use it
+    (ONNX Runtime refuses per-session threads then): any code creating sessions calls this on
+    its options. Returns whether the session shares the pool (its own thread counts are then
+    ignored)."""
+    if _GLOBAL_POOL:
+        so.use_per_session_threads = False
+        return True
+    return False
+
+
 def _session(proto, threads: int):
     import onnxruntime as ort
 

@@ -86,6 +86,9 @@ def session_options(intra_threads: int = 1, inter_threads: int = 1, strict_offlo
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     for k, v in (config or {}).items():
         so.add_session_config_entry(k, str(v))
+    from ..models.ort_target import join_global_pool
+
+    join_global_pool(so)  # an onnx target in this process made ONNX Runtime's pool process-wide
     return so
 
 
