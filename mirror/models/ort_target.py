@@ -18,8 +18,8 @@ Graphs are built directly with `onnx.helper` (no tracing): dynamic T (tokens per
 (cache positions), weights as initializers. A model is cut into segments at the layer
 boundaries the caller asks for (the Mirror-SD exit layer): segment graphs map hidden states to
 hidden states and return the new K/V entries, which are written into the host `KVCache` here;
-a head graph applies the final norm + LM head to the rows wanted. Embedding lookups, RoPE
-tables and masks stay in PyTorch (a few small ops per call).
+a head graph applies the final norm + LM head to the rows wanted. Embedding lookups and masks
+stay in PyTorch (a few small ops per call).
 """
 from __future__ import annotations
 
@@ -274,18 +274,12 @@ class OrtTarget:
 
     # --- the Transformer interface ---------------------------------------------------------------
     def __getattr__(self, name: str):
-        # everything else (cfg tables, layers for a self-draft, norm and lm_head for a trimmed
-        # early-exit head, dtype, device, ...) is the eager model's: drafts built from the target
+        # everything else (embed, new_cache, cfg, layers for a self-draft, norm and lm_head for a
+        # trimmed early-exit head, dtype, device, ...) is the eager model's: drafts built from the target
         # run eagerly, which is fine - a draft's numerics need not match anything
         if name == "model":
             raise AttributeError(name)
         return getattr(self.model, name)
-
-    def new_cache(self, max_batch: int = 1, max_len: int | None = None, layers: range | None = None) -> KVCache:
-        return self.model.new_cache(max_batch, max_len, layers)
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(tokens)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
@@ -349,6 +343,3 @@ class OrtTarget:
                 cache.v[j0:j0 + b - a, row, :, pos] = vn
             x = torch.from_numpy(out)
         return x
-
-    def weight_bytes_per_token(self) -> int:
-        return self.model.weight_bytes_per_token()
