@@ -132,6 +132,11 @@ class DistributedBenchEngine:
         self.tokenizer = lm.tokenizer
         self.engine = DistributedEngine(dataclasses.replace(deploy, model=deploy.model))
         self.deploy = deploy
+        import ray
+
+        # target.backend "auto" is decided on the target worker: every method runs on that backend
+        self.target_backend = ray.get(self.engine.runtime.targets[0].info.remote()).get("backend", "torch")
+        print(f"mirror bench: distributed target backend {self.target_backend}", file=sys.stderr)
 
     def generate(self, prompt_ids, params, spec):
         import asyncio
@@ -341,7 +346,7 @@ def run_bench(methods: list[Method], tokenizer, questions: list[dict], params, w
 JOURNAL = "records.jsonl"
 # what must match for records of an earlier run to count in this one
 RUN_KEYS = ("questions_file", "per_category", "max_new_tokens", "temperature", "seed", "methods", "specs",
-            "runtime", "model", "dtype")
+            "runtime", "model", "dtype", "target_backend")
 
 
 def run_key(config: dict) -> dict:
@@ -445,8 +450,8 @@ def markdown(summary: dict, labels: list[str], config: dict) -> str:
     cats = list(summary)
     lines = [f"# mirror bench: {config['questions_file']}", "",
              f"{config['n_questions']} questions, max_new_tokens {config['max_new_tokens']}, temperature "
-             f"{config['temperature']}, {config['threads']} threads, runtime {config['runtime']}, "
-             f"model {os.path.basename(config['model'])}.", "",
+             f"{config['temperature']}, {config['threads']} threads, runtime {config['runtime']} (target "
+             f"backend: {config.get('target_backend', 'torch')}), model {os.path.basename(config['model'])}.", "",
              "Speedup = mean per-question tok/s (wall time incl. prefill, all turns) / the same for "
              "plain decoding (`ar`) in this run (Spec-Bench's definition).", "",
              "## Speedup", "",
@@ -592,6 +597,9 @@ def cmd_bench(args) -> int:
             _die("target_backend in a method label is for --runtime inprocess; the distributed runtime "
                  "takes target.backend from its deployment config")
         engines["onnx"] = onnx_engine(lm, [spec for label, spec in parsed if backends[label] == "onnx"])
+    if getattr(engine, "target_backend", None) is not None:  # a runtime whose deployment chose the backend
+        backends = {label: engine.target_backend for label in backends}
+        engines = {engine.target_backend: engine}
     methods = [Method(label, spec, engines[backends[label]], backend=backends[label]) for label, spec in parsed]
     if args.peers:
         from .peers import PeersUnavailable, peer_methods
@@ -609,6 +617,7 @@ def cmd_bench(args) -> int:
               "temperature": args.temperature, "seed": params.seed, "methods": [m.label for m in methods],
               "specs": {m.label: (m.spec.to_dict() if m.spec is not None else None) for m in methods},
               "runtime": args.runtime, "model": lm.path, "dtype": args.dtype,
+              "target_backend": getattr(engine, "target_backend", "torch unless a method label sets target_backend"),
               "threads": torch.get_num_threads(), "warmup": args.warmup,
               "python": platform.python_version(), "torch": torch.__version__,
               "machine": platform.machine(), "cpu_count": os.cpu_count(),

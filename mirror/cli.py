@@ -206,26 +206,59 @@ def cmd_generate(args) -> int:
     params = sampling_from_args(args)
     deploy = deployment_from_args(args)
     if args.inprocess:
-        return _generate_inprocess(args, params, deploy.speculative, deploy.target.backend)
+        return _generate_inprocess(args, params, deploy.speculative, *inprocess_backend(args, deploy))
     return _generate_distributed(args, params, deploy)
 
 
-def _generate_inprocess(args, params, spec, backend: str = "torch") -> int:
-    """The reference path: target and draft in this process, one after the other."""
-    lm = load_from_args(args)
-    if backend == "onnx":
-        import dataclasses
+def inprocess_backend(args, deploy=None) -> tuple[str, bool]:
+    """The target backend for a model run in this process (on the CPU): --target-backend, else the
+    deployment's target.backend (default auto), with auto resolved for one fp32 CPU worker; and
+    whether auto chose it."""
+    import dataclasses
 
-        from .models.ort_target import OrtTarget
+    from .runtime.config import TargetConfig
 
-        splits = [spec.resolve_exit_layer(lm.model.cfg.n_layers)] if spec.method == "mirror" else []
-        try:
-            lm = dataclasses.replace(lm, model=OrtTarget(lm.model, splits=splits))
-        except (RuntimeError, ValueError) as e:
+    target = deploy.target if deploy is not None else TargetConfig()
+    backend = getattr(args, "target_backend", None) or target.backend
+    dtype = getattr(args, "dtype", None) or "fp32"
+    try:
+        t = dataclasses.replace(target, backend=backend, device="cpu", num_gpus=0.0, num_workers=1)
+        if t.backend == "onnx" and dtype != "fp32":
+            raise ValueError("target.backend onnx runs fp32 (dtype: fp32)")
+    except ValueError as e:
+        _die(str(e))
+    return t.resolve_backend(dtype), t.backend == "auto"
+
+
+def with_target_backend(lm, spec, backend: str, auto: bool = False):
+    """`lm` with its target on `backend`: the eager model, or its ONNX Runtime graphs (cut at
+    the exit layer for Mirror-SD; PyTorch then runs only the host-side ops, on one thread). A
+    backend chosen by auto falls back to the eager model, with a warning, if the graphs fail."""
+    if backend != "onnx":
+        return lm
+    import dataclasses
+
+    import torch
+
+    from .models.ort_target import OrtTarget
+
+    splits = [spec.resolve_exit_layer(lm.model.cfg.n_layers)] if spec is not None and spec.method == "mirror" else []
+    try:
+        lm = dataclasses.replace(lm, model=OrtTarget(lm.model, splits=splits))
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own error types
+        if not auto:
             _die(str(e))
-        import torch
+        print(f"[warning: the onnx target backend failed ({e}); the target runs on eager PyTorch]",
+              file=sys.stderr)
+        return lm
+    torch.set_num_threads(1)  # host-side ops only: ONNX Runtime's pool has the cores (host_threads)
+    return lm
 
-        torch.set_num_threads(1)  # host-side ops only: ONNX Runtime's pool has the cores (host_threads)
+
+def _generate_inprocess(args, params, spec, backend: str = "torch", auto: bool = False) -> int:
+    """The reference path: target and draft in this process, one after the other."""
+    lm = with_target_backend(load_from_args(args), spec, backend, auto)
+    backend = getattr(lm.model, "backend", "torch")
     ids = prompt_ids(lm, args.prompt, args.raw, args.system)
     from contextlib import nullcontext
 
@@ -286,6 +319,10 @@ def _generate_distributed(args, params, deploy) -> int:
         eng = DistributedEngine(deploy)
     except (BundledModelMissing, ModelLoadError, FileNotFoundError, ValueError) as e:
         _die(str(e))
+    import ray
+
+    backend = ray.get(eng.runtime.targets[0].info.remote()).get("backend")
+    where = f"{deploy.name} runtime" + (", target on ONNX Runtime" if backend == "onnx" else "")
     spec = deploy.speculative
     tok = eng.tokenizer
 
@@ -344,8 +381,8 @@ def _generate_distributed(args, params, deploy) -> int:
     else:
         sys.stdout.write("\n")
         print(_stats_line(last.method, u.completion_tokens, u.tokens_per_s, u.tau, u.acceptance_rate,
-                          u.hit_rate, u.prompt_tokens, u.prefill_ms, last.finish_reason,
-                          f"{deploy.name} runtime"), file=sys.stderr)
+                          u.hit_rate, u.prompt_tokens, u.prefill_ms, last.finish_reason, where),
+              file=sys.stderr)
     return 0
 
 
@@ -669,9 +706,10 @@ def main(argv=None) -> int:
                    help="deployment config (default: the embedded local runtime, as deploy/local.yaml)")
     g.add_argument("--inprocess", action="store_true",
                    help="reference path for debugging: target and draft in this process, no Ray/gRPC")
-    g.add_argument("--target-backend", default=None, choices=["torch", "onnx"],
-                   help="how the target runs (default: the deployment config's, torch): onnx = its layers "
-                        "as ONNX Runtime graphs (fp32 CPU)")
+    g.add_argument("--target-backend", default=None, choices=["auto", "torch", "onnx"],
+                   help="how the target runs (default: the deployment config's, auto): onnx = its layers "
+                        "as ONNX Runtime graphs (fp32, CPU, one worker), torch = eager PyTorch, auto = onnx "
+                        "where it applies and ONNX Runtime is installed")
     add_spec_args(g)
     g.set_defaults(func=cmd_generate)
 

@@ -23,11 +23,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="port (0 = pick a free one; default 50051)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_model_args(p)
+    p.add_argument("--target-backend", default=None, choices=["auto", "torch", "onnx"],
+                   help="how the target runs without --config (with it: the config's target.backend): onnx = "
+                        "ONNX Runtime graphs (fp32 CPU), torch = eager PyTorch, auto (default) = onnx where "
+                        "it applies and ONNX Runtime is installed")
     add_spec_args(p)  # --method etc.: the default for requests that name no method
 
 
 def build_engine(args):
-    from .cli import load_from_args, spec_from_args
+    from .cli import inprocess_backend, load_from_args, spec_from_args, with_target_backend
 
     if args.config:
         from .cli import deployment_from_args
@@ -40,7 +44,9 @@ def build_engine(args):
     from .engine import LocalEngine
 
     spec = spec_from_args(args)
-    lm = load_from_args(args)
+    backend, auto = inprocess_backend(args)
+    lm = with_target_backend(load_from_args(args), spec, backend, auto)
+    logging.getLogger("mirror.serve").info("target backend: %s", getattr(lm.model, "backend", "torch"))
     return LocalEngine(lm.model, lm.tokenizer, spec)
 
 

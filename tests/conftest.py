@@ -15,3 +15,17 @@ def bundled():
     from mirror.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def local_target(bundled):
+    """The target the embedded deployment runs (and `mirror generate --inprocess`, `mirror serve`):
+    the bundled model on `DeploymentConfig.local()`'s target backend, 'auto' resolved here - the
+    reference for exactness tests of those paths."""
+    from mirror.runtime.config import DeploymentConfig
+
+    if DeploymentConfig.local().target.resolve_backend() == "onnx":
+        from mirror.models.ort_target import OrtTarget
+
+        return OrtTarget(bundled.model)
+    return bundled.model

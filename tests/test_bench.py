@@ -136,9 +136,10 @@ def test_missing_question_file_exits_nonzero_naming_spec_bench(tmp_path, capsys)
 
 
 @pytest.mark.xdist_group("ray")  # starts the embedded Ray runtime
-def test_bench_on_the_distributed_runtime_matches_in_process(cli_model, tmp_path):
+def test_bench_on_the_distributed_runtime_matches_in_process(cli_model, local_target, tmp_path):
     """`--runtime distributed`: the embedded Ray runtime (target and draft actors, gRPC channel)
-    runs every method; greedy outputs equal the in-process reference and no request degraded."""
+    runs every method on the deployment's target backend (auto, recorded in the results);
+    greedy outputs equal the in-process reference on that backend and no request degraded."""
     qfile = write_questions(tmp_path / "q.jsonl", QUESTIONS[:1])
     out = tmp_path / "out"
     rc = main(["bench", "--questions", qfile, "--methods", "ar", "mirror:ngram", "--max-new-tokens", "12",
@@ -146,10 +147,12 @@ def test_bench_on_the_distributed_runtime_matches_in_process(cli_model, tmp_path
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["runtime"] == "distributed"
+    assert res["config"]["target_backend"] == getattr(local_target, "backend", "torch")
+    assert f"target backend: {res['config']['target_backend']}" in (out / "results.md").read_text()
     assert res["summary"]["overall"]["mirror:ngram"]["identical"] == 1
     q = res["questions"][0]
     prompt = bench.chat_ids(cli_model.tokenizer, [{"role": "user", "content": QUESTIONS[0]["turns"][0]}])
-    ref = generate(cli_model.model, cli_model.tokenizer, prompt, SamplingParams(max_new_tokens=12),
+    ref = generate(local_target, cli_model.tokenizer, prompt, SamplingParams(max_new_tokens=12),
                    SpecConfig(method="ar"))
     for lb in ("ar", "mirror:ngram"):
         turn = q["methods"][lb]["turns"][0]

@@ -14,17 +14,18 @@ from mirror.spec_config import SpecConfig
 PROMPT = "What is the capital of France?"
 
 
-def _reference(lm, n):
+def _reference(lm, model, n):
+    """Plain greedy decoding of PROMPT on `model` (the target as the tested path runs it)."""
     ids = lm.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
-    return generate(lm.model, lm.tokenizer, ids, SamplingParams(max_new_tokens=n), SpecConfig(method="ar"))
+    return generate(model, lm.tokenizer, ids, SamplingParams(max_new_tokens=n), SpecConfig(method="ar"))
 
 
 @pytest.mark.xdist_group("ray")  # starts the embedded Ray runtime
-def test_generate_default_runs_the_embedded_runtime_and_is_exact(bundled, capsys):
+def test_generate_default_runs_the_embedded_runtime_and_is_exact(bundled, local_target, capsys):
     rc = main(["generate", PROMPT, "--max-new-tokens", "24", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    ref = _reference(bundled, 24)
+    ref = _reference(bundled, local_target, 24)
     assert out["runtime"] == "distributed" and out["degraded"] is None
     assert out["method"] == DeploymentConfig.local().speculative.method
     assert out["ids"] == ref.ids and "Paris" in out["text"]
@@ -32,15 +33,27 @@ def test_generate_default_runs_the_embedded_runtime_and_is_exact(bundled, capsys
     assert u["completion_tokens"] == len(ref.ids) and u["tokens_per_s"] > 0
 
 
-def test_generate_inprocess_streams_text_then_a_stats_line(bundled, capsys):
+def test_generate_inprocess_streams_text_then_a_stats_line(bundled, local_target, capsys):
     rc = main(["generate", PROMPT, "--max-new-tokens", "12", "--inprocess", "--method", "sd", "--draft", "ngram",
                "--threads", "1"])
     assert rc == 0
     cap = capsys.readouterr()
-    ref = _reference(bundled, 12)
+    ref = _reference(bundled, local_target, 12)
     assert cap.out.strip() == ref.text.strip()
     stats = cap.err.strip().splitlines()[-1]
     assert stats.startswith("[sd") and f"{len(ref.ids)} new tokens" in stats and "tok/s" in stats
+    # target.backend auto: ONNX Runtime graphs where they apply (the onnx extra is installed here)
+    on_onnx = getattr(local_target, "backend", "torch") == "onnx"
+    assert ("target on ONNX Runtime" in stats) == on_onnx
+
+
+def test_generate_inprocess_target_backend_torch_is_the_eager_model(bundled, capsys):
+    rc = main(["generate", PROMPT, "--max-new-tokens", "12", "--inprocess", "--method", "ar", "--threads", "1",
+               "--target-backend", "torch"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert cap.out.strip() == _reference(bundled, bundled.model, 12).text.strip()
+    assert "ONNX Runtime" not in cap.err.strip().splitlines()[-1]
 
 
 @pytest.mark.xdist_group("ray")  # starts the embedded Ray runtime

@@ -53,6 +53,22 @@ def test_bad_configs_are_rejected(tmp_path):
             DeploymentConfig.load(str(p))
 
 
+def test_target_backend_auto_resolves_to_onnx_only_where_it_applies(monkeypatch):
+    from mirror.models import ort_target
+    from mirror.runtime.config import TargetConfig
+
+    assert DeploymentConfig.local().target.backend == "auto"
+    monkeypatch.setattr(ort_target, "available", lambda: True)
+    assert TargetConfig().resolve_backend("fp32") == "onnx"
+    assert TargetConfig().resolve_backend("bf16") == "torch"
+    assert TargetConfig(num_workers=2).resolve_backend("fp32") == "torch"  # tensor parallel
+    assert TargetConfig(device="cuda", num_gpus=1).resolve_backend("fp32") == "torch"
+    assert TargetConfig(backend="torch").resolve_backend("fp32") == "torch"
+    monkeypatch.setattr(ort_target, "available", lambda: False)  # no onnx extra installed
+    assert TargetConfig().resolve_backend("fp32") == "torch"
+    assert TargetConfig(backend="onnx").resolve_backend("fp32") == "onnx"  # explicit: the build says why
+
+
 def test_cluster_launcher_config_passes_rays_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config
 

@@ -39,9 +39,10 @@ def server(engine):
 
 
 @pytest.fixture(scope="module")
-def reference(bundled):
+def reference(bundled, local_target):
+    """Plain decoding on the target as the embedded deployment runs it (target.backend auto)."""
     ids = bundled.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
-    return ids, generate_ar(bundled.model, bundled.tokenizer, ids, SamplingParams(max_new_tokens=48, ignore_eos=True)).ids
+    return ids, generate_ar(local_target, bundled.tokenizer, ids, SamplingParams(max_new_tokens=48, ignore_eos=True)).ids
 
 
 def run(engine, args, cancel_after=None, on_chunk=None):
@@ -105,14 +106,14 @@ def test_cancel_mid_stream_frees_the_session_on_both_workers(engine):
     assert info["target"][0]["sessions"] == 0 and info["draft"]["sessions"] == 0
 
 
-def test_the_draft_prefills_the_prompt_while_the_target_does(engine, bundled):
+def test_the_draft_prefills_the_prompt_while_the_target_does(engine, bundled, local_target):
     """The session opens before the target's prefill: in the trace the draft worker's prompt
     prefill (draft.warm) runs during the target worker's (target.start), and the output is
     still plain decoding's."""
     text = " ".join([PROMPT] * 12)  # a long prompt: a prefill that lasts
     ids = engine.tokenizer.encode_chat([{"role": "user", "content": text}])
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    ref = generate_ar(bundled.model, bundled.tokenizer, ids, params).ids
+    ref = generate_ar(local_target, bundled.tokenizer, ids, params).ids
     args = GenerateArgs(ids, params, SpecConfig(method="sd", draft="self", draft_layers=4, gamma=4))
     run(engine, args)  # builds the draft network on the draft worker
     origin = engine.runtime.start_trace()

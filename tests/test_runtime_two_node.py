@@ -33,7 +33,7 @@ def cluster():
     c.shutdown()
 
 
-def test_target_and_draft_on_different_nodes_decode_exactly(cluster, bundled):
+def test_target_and_draft_on_different_nodes_decode_exactly(cluster, bundled, local_target):
     deploy = dataclasses.replace(
         DeploymentConfig.local(), name="two-node", placement="SPREAD",
         ray=RayConfig(address=cluster.address),
@@ -50,7 +50,8 @@ def test_target_and_draft_on_different_nodes_decode_exactly(cluster, bundled):
         assert t_node != d_node
         assert "mirror_target" in nodes[t_node] and "mirror_draft_accel" in nodes[d_node]
         prompt = bundled.tokenizer.encode_chat([{"role": "user", "content": "List three uses of copper."}])
-        ref = generate_ar(bundled.model, bundled.tokenizer, prompt, SamplingParams(max_new_tokens=40, ignore_eos=True)).ids
+        ref = generate_ar(local_target, bundled.tokenizer, prompt,  # the same target config as local()
+                          SamplingParams(max_new_tokens=40, ignore_eos=True)).ids
 
         async def go():
             ids = []

@@ -37,6 +37,13 @@ from .llama import Transformer
 NEG = float(np.finfo(np.float32).min)
 
 
+def available() -> bool:
+    """Whether this environment can build the onnx target backend (onnx and onnxruntime installed)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+
+
 class _Builder:
     """Accumulates nodes and initializers with unique names.
 

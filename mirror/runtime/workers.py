@@ -223,13 +223,20 @@ class TargetWorker:
         self.model, self.tokenizer = lm.model, lm.tokenizer
         if t.device == "cuda":
             self.model = self.model.to("cuda").prepare()
-        if t.backend == "onnx":
+        self.backend = t.resolve_backend(self.deploy.dtype)
+        if self.backend == "onnx":
             from ..models.ort_target import OrtTarget
 
             spec = self.deploy.speculative
             splits = [spec.resolve_exit_layer(self.model.cfg.n_layers)] if spec.method == "mirror" else []
-            self.model = OrtTarget(self.model, splits=splits, threads=t.threads)
-            torch.set_num_threads(1)  # host-side ops only: ONNX Runtime's pool has the cores (host_threads)
+            try:
+                self.model = OrtTarget(self.model, splits=splits, threads=t.threads)
+                torch.set_num_threads(1)  # host-side ops only: ONNX Runtime's pool has the cores (host_threads)
+            except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own error types
+                if t.backend != "auto":
+                    raise
+                log.warning("the onnx target backend failed (%s); the target runs on eager PyTorch", e)
+                self.backend = "torch"
         self.rank, self.world, self.master = rank, world, master
         self.driver = self.model
         self._cancel: dict[str, threading.Event] = {}
@@ -260,7 +267,7 @@ class TargetWorker:
 
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "rank": self.rank,
-                "placement": self.placement, "sessions": self._active}
+                "placement": self.placement, "sessions": self._active, "backend": self.backend}
 
     def start_trace(self, origin_ns: int) -> None:
         from .. import trace
