@@ -228,3 +228,42 @@ def test_lean_draft_attention_matches_the_grouped_matmuls(preset):
         pos = torch.tensor([[9, 11], [10, 9]])  # not one span: indexed writes, per-row masks
         out = [n(ids[:, :2], pos, c, kv_len=12) for n, c in ((lean, ca), (plain, cb))]
         assert torch.allclose(out[0], out[1], atol=1e-4)
+
+
+def _assert_reader_matches_gguf(path):
+    import gguf
+
+    from mirror.models.gguf_file import GGUFFile
+
+    ours, ref = GGUFFile(path), gguf.GGUFReader(path)
+    assert set(ours.fields) == {k for k in ref.fields if not k.startswith("GGUF.")}
+    for k, f in ours.fields.items():
+        assert f.contents() == ref.fields[k].contents(), k
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert a.tensor_type == b.tensor_type and list(a.shape) == [int(x) for x in b.shape], a.name
+        x = np.asarray(gguf.quants.dequantize(a.data, a.tensor_type), dtype=np.float32).ravel()
+        y = np.asarray(gguf.quants.dequantize(b.data, b.tensor_type), dtype=np.float32).ravel()
+        assert np.array_equal(x.view(np.uint32), y.view(np.uint32)), a.name  # bit for bit
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_1"])
+def test_fast_gguf_reader_matches_the_gguf_package(tmp_path, qtype):
+    f = str(tmp_path / f"{qtype}.gguf")
+    write_gguf(tiny_model("tiny-qwen2"), f, qtype=qtype)
+    _assert_reader_matches_gguf(f)
+
+
+def test_fast_gguf_reader_matches_the_gguf_package_on_the_bundled_model(bundled):
+    _assert_reader_matches_gguf(bundled.path)
+
+
+def test_truncated_gguf_gives_clear_error(tmp_path):
+    src = tmp_path / "m.gguf"
+    write_gguf(tiny_model("tiny"), str(src), qtype="Q8_0")
+    data = src.read_bytes()
+    for cut in (10, 200, len(data) - 64):  # in the header, in the metadata, in the tensor data
+        f = tmp_path / f"cut{cut}.gguf"
+        f.write_bytes(data[:cut])
+        with pytest.raises(ModelLoadError, match="not a readable GGUF"):
+            load_gguf_state(str(f))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,15 @@ class LoadedModel:
 # ---------------------------------------------------------------------------------------------
 # GGUF
 # ---------------------------------------------------------------------------------------------
+def _read_gguf(path: str):
+    from .gguf_file import GGUFFile
+
+    try:
+        return GGUFFile(path)
+    except (ValueError, struct.error, UnicodeDecodeError, OSError) as e:  # not GGUF, truncated, ...
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({e})") from e
+
+
 def _field(reader, key, default=None):
     f = reader.fields.get(key)
     if f is None:
@@ -115,14 +125,9 @@ def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def load_gguf_state(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], object]:
-    import gguf
-
     if not os.path.isfile(path):
         raise ModelLoadError(f"model file not found: {path}")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # gguf raises ValueError/struct errors on non-GGUF input
-        raise ModelLoadError(f"{path}: not a readable GGUF file ({e})") from e
+    reader = _read_gguf(path)
     cfg = gguf_config(reader, path)
     raw = {t.name: t for t in reader.tensors}
     permute = cfg.arch in ("llama", "mistral")  # llama.cpp permutes q/k only for these
@@ -344,9 +349,7 @@ def load_tokenizer(path: str | None = None):
         return Tokenizer.from_hf_dir(path), cfg.max_seq_len
     if not os.path.exists(path):
         raise ModelLoadError(f"model file not found: {path}")
-    import gguf
-
-    reader = gguf.GGUFReader(path)
+    reader = _read_gguf(path)
     return Tokenizer.from_gguf(reader), gguf_config(reader, path).max_seq_len
 
 
