@@ -431,17 +431,25 @@ def cmd_build_datastore(args) -> int:
     return 0
 
 
+CALIBRATE_STOP_OUT = "artifacts/window_stop.json"
+
+
 def cmd_calibrate_stop(args) -> int:
     import torch
 
     from .decoding.drafters.ngram import load_datastore
     from .training.replay import answer_settings, load_answers
-    from .training.window_stop import acceptance_counts, measure_cost
+    from .training.window_stop import acceptance_counts
     from .decoding.drafters.window_stop import WindowStop
 
     _require_positive(args, "gamma", "reps")
     if args.gamma > 16:
         _die("--gamma must be <= 16")
+    backend = args.target_backend
+    if args.update:
+        return _calibrate_stop_update(args, backend)
+    if not args.answers:
+        _die("--answers DIR is required (or --update FILE to re-time only the cost curve)")
     try:
         settings = answer_settings(args.answers)
     except (OSError, ValueError, KeyError) as e:
@@ -474,14 +482,69 @@ def cmd_calibrate_stop(args) -> int:
         _die(str(e))
     counts, rep = acceptance_counts(pairs, store, args.gamma, args.ngram_min, args.ngram_max)
     if cost is None:
-        cost = measure_cost(load_from_args(args).model, args.gamma + 1, reps=args.reps)
+        cost = _time_cost(args, backend)
     stop = WindowStop.fit(counts, cost, {"answers_dir": args.answers, "answers": len(pairs),
                                          "answer_settings": settings, "datastore": args.datastore,
                                          "gamma": args.gamma, "replay": rep, "threads": torch.get_num_threads(),
-                                         "cost_measured": not args.cost})
+                                         "cost_measured": not args.cost, "cost_backend": backend})
+    if not args.cost:
+        stop.costs[backend] = list(stop.cost)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     stop.save(args.out)
     print(json.dumps({"out": args.out, "keys": len(stop.accept), "cost": stop.cost, **rep}))
+    return 0
+
+
+def _time_cost(args, backend: str) -> list[float]:
+    """The target's step cost for windows of 1..gamma+1 tokens, timed on `backend`."""
+    from .training.window_stop import measure_cost
+
+    lm = load_from_args(args)
+    if backend == "onnx":
+        from .models.ort_target import OrtTarget, host_threads
+
+        import torch
+
+        try:
+            model = OrtTarget(lm.model, threads=torch.get_num_threads())
+        except (RuntimeError, ValueError) as e:
+            _die(str(e))
+        with host_threads(1):
+            return measure_cost(model, args.gamma + 1, reps=args.reps)
+    return measure_cost(lm.model, args.gamma + 1, reps=args.reps)
+
+
+def _calibrate_stop_update(args, backend: str) -> int:
+    """--update FILE: keep FILE's acceptance table, (re)time the cost curve of `backend`'s target."""
+    import time as _time
+
+    import torch
+
+    from .decoding.drafters.window_stop import WindowStop, load_window_stop
+
+    try:
+        stop = load_window_stop(args.update)
+    except (OSError, ValueError) as e:
+        _die(f"--update {args.update}: {e}")
+    if args.cost:
+        try:
+            cost = WindowStop({}, [float(x) for x in args.cost.split(",")]).cost
+        except ValueError as e:
+            _die(f"--cost: {e}")
+    else:
+        cost = _time_cost(args, backend)
+    costs = {**stop.costs, backend: cost}
+    meta = {**stop.meta, "costs_measured": {**stop.meta.get("costs_measured", {}),
+                                            backend: {"threads": torch.get_num_threads(), "measured": not args.cost,
+                                                      "date": _time.strftime("%Y-%m-%d")}}}
+    out = args.out if args.out != CALIBRATE_STOP_OUT else args.update
+    if out == "bundled":
+        _die("--update bundled needs --out PATH (the shipped file is mirror/data/*.window_stop.json)")
+    from .models.bundled import resolve_artifact
+
+    out = resolve_artifact(out, "window_stop") if out == args.update else out
+    WindowStop(stop.accept, stop.cost, meta, costs).save(out)
+    print(json.dumps({"out": out, "backend": backend, "cost": cost}))
     return 0
 
 
@@ -771,11 +834,17 @@ def main(argv=None) -> int:
     d.set_defaults(func=cmd_build_datastore)
     d = sub.add_parser("calibrate-stop", help="the n-gram window stop: acceptance by token kind (replay of held-out "
                        "training answers) and the target's step cost by window length (timed here)")
-    d.add_argument("--answers", required=True, metavar="DIR",
+    d.add_argument("--answers", default=None, metavar="DIR",
                    help="a `mirror build-datastore --skip N` folder of answers to prompts the datastore never saw")
+    d.add_argument("--update", default=None, metavar="FILE",
+                   help="keep FILE's acceptance table and (re)time only the cost curve of --target-backend's "
+                        "target, stored beside the others (written back to FILE unless --out is given)")
+    d.add_argument("--target-backend", default="torch", choices=["torch", "onnx"],
+                   help="the target whose step cost is timed (a stop file holds one curve per backend; "
+                        "decoding uses the one of the target it verifies on)")
     d.add_argument("--data", default=None, help="the training prompts file those answers came from")
     d.add_argument("--datastore", default="bundled", help="the datastore the stop is for ('none': context only)")
-    d.add_argument("--out", default="artifacts/window_stop.json")
+    d.add_argument("--out", default=CALIBRATE_STOP_OUT)
     add_model_args(d)
     d.add_argument("--gamma", type=int, default=8, help="longest window calibrated")
     d.add_argument("--ngram-min", type=int, default=2)

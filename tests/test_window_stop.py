@@ -181,3 +181,50 @@ def test_calibrate_stop_refuses_bad_input(tmp_path, capsys, argv, message):
              + [a.format(**sub) for a in argv])
     assert e.value.code != 0
     assert message in capsys.readouterr().err
+
+
+def test_a_stop_holds_one_cost_curve_per_target_backend(tmp_path):
+    stop = WindowStop({"c2.0.0": 0.5}, [2.0, 2.2, 2.4], costs={"onnx": [1.0, 1.3, 1.5]})
+    assert stop.cost == pytest.approx([1.0, 1.1, 1.2])
+    onnx = stop.for_backend("onnx")
+    assert onnx.cost == pytest.approx([1.0, 1.3, 1.5]) and onnx.accept == stop.accept
+    assert stop.for_backend("torch") is stop  # no curve of its own: the default one
+    assert stop.for_backend("onnx") is onnx  # made once
+    stop.save(str(tmp_path / "s.json"))
+    back = WindowStop.load(str(tmp_path / "s.json"))
+    assert back.costs == {"onnx": pytest.approx([1.0, 1.3, 1.5])}
+    with pytest.raises(ValueError, match="positive"):
+        WindowStop({}, [1.0], costs={"onnx": [1.0, -1.0]})
+
+
+def test_the_drafter_cuts_windows_with_the_curve_of_the_target_it_feeds(tmp_path):
+    from mirror.decoding.factory import build_drafter
+    from mirror.spec_config import SpecConfig
+
+    path = tmp_path / "s.json"
+    WindowStop({"c2.0.0": 0.5}, [1.0, 1.1], costs={"onnx": [1.0, 1.6]}).save(str(path))
+    spec = SpecConfig(method="sd", draft="ngram", window_stop=str(path))
+    model = tiny_model()
+    assert build_drafter(model, spec, P, 64).stop.cost == pytest.approx([1.0, 1.1])  # eager target
+    assert build_drafter(model, spec, P, 64, target_backend="onnx").stop.cost == pytest.approx([1.0, 1.6])
+
+
+def test_calibrate_stop_update_adds_a_backends_curve_and_keeps_the_table(tmp_path, capsys):
+    data, answers = _answers_dir(tmp_path, skip=3000)
+    first = tmp_path / "stop.json"
+    assert main(["calibrate-stop", "--answers", answers, "--data", data, "--out", str(first), "--gamma", "4",
+                 "--cost", "1,1,1.1,1.2,1.3"]) == 0
+    out = tmp_path / "stop2.json"
+    assert main(["calibrate-stop", "--update", str(first), "--target-backend", "onnx", "--out", str(out),
+                 "--cost", "2,2.2,2.6,3,3.4"]) == 0
+    before, after = WindowStop.load(str(first)), WindowStop.load(str(out))
+    assert after.accept == before.accept and after.cost == before.cost
+    assert after.for_backend("onnx").cost == pytest.approx([1.0, 1.1, 1.3, 1.5, 1.7])
+    assert after.meta["costs_measured"]["onnx"]["measured"] is False
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["backend"] == "onnx"
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate-stop", "--update", str(tmp_path / "nope.json"), "--cost", "1,1"])
+    assert e.value.code != 0 and "--update" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate-stop", "--data", data])
+    assert e.value.code != 0 and "--answers DIR is required" in capsys.readouterr().err

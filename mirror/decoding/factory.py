@@ -123,7 +123,9 @@ def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNe
 
 
 def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams, max_len: int,
-                  net: DraftNet | None = None) -> Drafter:
+                  net: DraftNet | None = None, target_backend: str | None = None) -> Drafter:
+    """`target_backend`: the backend the target verifies on, for the window stop's cost curve
+    (default: `target`'s own; a draft worker holding an eager copy passes the deployment's)."""
     kinds = spec.draft.split("+")
     ngram = None
     if "ngram" in kinds:
@@ -132,7 +134,8 @@ def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams,
         store = load_datastore(spec.ngram_datastore) if spec.ngram_datastore else None
         from .drafters.window_stop import load_window_stop
 
-        stop = load_window_stop(spec.window_stop) if spec.window_stop else None
+        backend = target_backend or getattr(target, "backend", "torch")
+        stop = load_window_stop(spec.window_stop).for_backend(backend) if spec.window_stop else None
         # a combined draft's per-step choice scores n-gram windows with the stop's table (the
         # bundled one when no stop is set: scoring only, windows are not cut)
         score = (stop or load_window_stop("bundled")) if spec.combine_min > 0 else None

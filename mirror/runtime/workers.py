@@ -150,6 +150,9 @@ class DraftWorker:
         d = self.deploy.draft
         self.placement = pin(d.cpu_affinity, d.threads)
         self.lm = _load(self.deploy, tokenizer=False)
+        # the backend the target verifies on (its auto resolved as the target worker does): the
+        # n-gram window stop's cost curve
+        self.target_backend = self.deploy.target.resolve_backend(self.deploy.dtype)
         self._nets: dict = {}
         self._lock = threading.Lock()
         self.server = DraftServer(self._make_pipeline, host=host, port=0).start()
@@ -169,7 +172,8 @@ class DraftWorker:
                 if key not in self._nets:
                     self._nets[key] = build_draft_net(self.lm.model, spec, kind)
                 net = self._nets[key]
-        return DraftPipeline(build_drafter(self.lm.model, spec, req.params, req.max_len, net=net), spec)
+        return DraftPipeline(build_drafter(self.lm.model, spec, req.params, req.max_len, net=net,
+                                           target_backend=self.target_backend), spec)
 
     def _apply_backend(self, spec: SpecConfig) -> SpecConfig:
         """The deployment decides where the draft runs (torch on a device, or ONNX Runtime)."""

@@ -35,15 +35,34 @@ def datastore_key(n: int, k: int) -> str:
     return f"d{n}.{min(k, 4)}"
 
 
+def _relative(cost: list[float]) -> list[float]:
+    if not cost or cost[0] <= 0 or any(c <= 0 for c in cost):
+        raise ValueError("window stop: cost must list positive step costs for windows of 1, 2, ... tokens")
+    return [c / cost[0] for c in cost]  # relative to a one-token step
+
+
 class WindowStop:
-    def __init__(self, accept: dict[str, float], cost: list[float], meta: dict | None = None):
-        if not cost or cost[0] <= 0 or any(c <= 0 for c in cost):
-            raise ValueError("window stop: cost must list positive step costs for windows of 1, 2, ... tokens")
+    """`cost` is the target's step-cost curve; `costs` optionally holds one per target backend
+    ("torch", "onnx": their kernels scale differently with the window), `for_backend` picks it."""
+
+    def __init__(self, accept: dict[str, float], cost: list[float], meta: dict | None = None,
+                 costs: dict[str, list[float]] | None = None):
         if any(not 0.0 <= p <= 1.0 for p in accept.values()):
             raise ValueError("window stop: acceptance probabilities must lie in [0, 1]")
         self.accept = dict(accept)
-        self.cost = [c / cost[0] for c in cost]  # relative to a one-token step
+        self.cost = _relative(cost)
+        self.costs = {str(b): _relative(c) for b, c in (costs or {}).items()}
         self.meta = meta or {}
+        self._by_backend: dict[str, WindowStop] = {}
+
+    def for_backend(self, backend: str) -> "WindowStop":
+        """This stop with the cost curve timed on `backend`'s target, if it has one."""
+        c = self.costs.get(backend)
+        if c is None or c == self.cost:
+            return self
+        if backend not in self._by_backend:
+            self._by_backend[backend] = WindowStop(self.accept, c, self.meta, self.costs)
+        return self._by_backend[backend]
 
     def step_cost(self, T: int) -> float:
         """Relative target step time for T window tokens (root + T-1 drafted), extrapolated
@@ -94,7 +113,10 @@ class WindowStop:
         return cls(accept, cost, {**(meta or {}), "counts": {k: list(v) for k, v in sorted(counts.items())}})
 
     def save(self, path: str) -> None:
-        Path(path).write_text(json.dumps({"accept": self.accept, "cost": self.cost, "meta": self.meta}, indent=1))
+        d = {"accept": self.accept, "cost": self.cost, "meta": self.meta}
+        if self.costs:
+            d["costs"] = self.costs
+        Path(path).write_text(json.dumps(d, indent=1))
 
     @classmethod
     def load(cls, path: str) -> "WindowStop":
@@ -103,8 +125,8 @@ class WindowStop:
             raise FileNotFoundError(f"window stop file not found: {path}")
         d = json.loads(p.read_text())
         try:
-            return cls(d["accept"], d["cost"], d.get("meta"))
-        except (KeyError, TypeError) as e:
+            return cls(d["accept"], d["cost"], d.get("meta"), d.get("costs"))
+        except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path} is not a window stop file (made by `mirror calibrate-stop`): {e}") from e
 
 
