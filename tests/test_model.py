@@ -247,7 +247,7 @@ def _assert_reader_matches_gguf(path):
         assert np.array_equal(x.view(np.uint32), y.view(np.uint32)), a.name  # bit for bit
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_1"])
 def test_fast_gguf_reader_matches_the_gguf_package(tmp_path, qtype):
     f = str(tmp_path / f"{qtype}.gguf")
     write_gguf(tiny_model("tiny-qwen2"), f, qtype=qtype)

@@ -65,3 +65,19 @@ def test_target_and_draft_on_different_nodes_decode_exactly(cluster, bundled, lo
         assert not eng.completed[-1]["degraded"]  # the draft on the other node did the drafting
     finally:
         eng.runtime.shutdown()
+
+
+def test_the_embedded_runtime_starts_its_own_ray_beside_a_running_one(cluster):
+    """A Ray already running on the machine (here the two-node test cluster, left up) must not
+    capture the embedded default: it starts a fresh in-process Ray (ray.init would otherwise
+    join the running one and refuse the num_cpus it is given)."""
+    from mirror.runtime.cluster import start_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    start_ray(DeploymentConfig.local())
+    try:
+        assert ray.get_runtime_context().gcs_address != cluster.address
+        assert ray.cluster_resources().get("mirror_target", 0) == 0  # not the cluster's nodes
+    finally:
+        ray.shutdown()

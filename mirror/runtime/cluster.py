@@ -48,8 +48,10 @@ def start_ray(deploy: DeploymentConfig) -> None:
     resources = {d.resource: d.resource_amount, **r.resources}
     if t.resource:
         resources.setdefault(t.resource, float(t.num_workers))
-    ray.init(num_cpus=r.num_cpus or max(int(need + 0.999), os.cpu_count() or 1), resources=resources,
-             namespace=r.namespace, include_dashboard=r.include_dashboard, log_to_driver=False,
+    # address="local": always a fresh in-process Ray. Without it ray.init joins any Ray it finds
+    # running on this machine (a `ray start`, a test cluster), and then refuses num_cpus.
+    ray.init(address="local", num_cpus=r.num_cpus or max(int(need + 0.999), os.cpu_count() or 1),
+             resources=resources, namespace=r.namespace, include_dashboard=r.include_dashboard, log_to_driver=False,
              configure_logging=False)
 
 
