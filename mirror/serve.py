@@ -27,7 +27,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="how the target runs without --config (with it: the config's target.backend): onnx = "
                         "ONNX Runtime graphs (fp32 CPU), torch = eager PyTorch, auto (default) = onnx where "
                         "it applies and ONNX Runtime is installed")
-    add_spec_args(p)  # --method etc.: the default for requests that name no method
+    add_spec_args(p)  # --method etc.: the defaults for requests that name none (else deploy/local.yaml's)
 
 
 def build_engine(args):
@@ -43,7 +43,15 @@ def build_engine(args):
         return DistributedEngine(deploy)
     from .engine import LocalEngine
 
-    spec = spec_from_args(args)
+    from .runtime.config import DeploymentConfig
+
+    # requests that name no method or setting get the embedded default's speculative settings
+    # (deploy/local.yaml: Mirror-SD, n-gram draft + datastore, trained exit head), as `mirror
+    # generate` does; flags override them
+    base = DeploymentConfig.local()
+    if args.model:
+        base = base.with_model(args.model)  # the bundled model's artifacts do not fit another
+    spec = spec_from_args(args, base.speculative)
     backend, auto = inprocess_backend(args)
     lm = with_target_backend(load_from_args(args), spec, backend, auto)
     logging.getLogger("mirror.serve").info("target backend: %s", getattr(lm.model, "backend", "torch"))

@@ -252,3 +252,30 @@ def test_validate_request_context_limits(bundled):
         validate_request(req, tok, n + 10, SPEC)
     with pytest.raises(ValueError, match="leaves no room"):
         validate_request(generate_pb2.GenerateRequest(prompt="one two three", raw=True), tok, n, SPEC)
+
+
+def test_serve_without_config_uses_the_embedded_defaults(bundled, local_target, monkeypatch):
+    """`mirror serve` in one process: requests that name nothing get deploy/local.yaml's
+    speculative settings (not bare SpecConfig defaults, whose untrained self-draft made Mirror-SD
+    requests ~13x slower) and the target on the default backend; flags override both."""
+    import argparse
+
+    import torch
+
+    import mirror.models
+    from mirror.runtime.config import DeploymentConfig
+    from mirror.serve import add_serve_args, build_engine
+
+    monkeypatch.setattr(mirror.models, "load_model", lambda *a, **k: bundled)
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    threads = torch.get_num_threads()
+    try:
+        eng = build_engine(p.parse_args([]))
+        assert eng.default_spec == DeploymentConfig.local().speculative
+        assert getattr(eng.model, "backend", "torch") == getattr(local_target, "backend", "torch")
+        eng2 = build_engine(p.parse_args(["--method", "sd", "--gamma", "3", "--target-backend", "torch"]))
+        assert (eng2.default_spec.method, eng2.default_spec.gamma) == ("sd", 3)
+        assert eng2.default_spec.ngram_datastore == "bundled" and eng2.model is bundled.model
+    finally:
+        torch.set_num_threads(threads)
