@@ -516,8 +516,6 @@ def _time_cost(args, backend: str) -> list[float]:
 
 def _calibrate_stop_update(args, backend: str) -> int:
     """--update FILE: keep FILE's acceptance table, (re)time the cost curve of `backend`'s target."""
-    import time as _time
-
     import torch
 
     from .decoding.drafters.window_stop import WindowStop, load_window_stop
@@ -536,13 +534,10 @@ def _calibrate_stop_update(args, backend: str) -> int:
     costs = {**stop.costs, backend: cost}
     meta = {**stop.meta, "costs_measured": {**stop.meta.get("costs_measured", {}),
                                             backend: {"threads": torch.get_num_threads(), "measured": not args.cost,
-                                                      "date": _time.strftime("%Y-%m-%d")}}}
+                                                      "date": time.strftime("%Y-%m-%d")}}}
     out = args.out if args.out != CALIBRATE_STOP_OUT else args.update
     if out == "bundled":
         _die("--update bundled needs --out PATH (the shipped file is mirror/data/*.window_stop.json)")
-    from .models.bundled import resolve_artifact
-
-    out = resolve_artifact(out, "window_stop") if out == args.update else out
     WindowStop(stop.accept, stop.cost, meta, costs).save(out)
     print(json.dumps({"out": out, "backend": backend, "cost": cost}))
     return 0
