@@ -139,3 +139,36 @@ def test_draft_sessions_after_an_onnx_target_join_its_thread_pool(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ok" in r.stdout
+
+
+@pytest.mark.parametrize("trained", [False, True])
+@torch.inference_mode()
+def test_trimmed_exit_head_graph_matches_pytorch_and_is_reused(trained):
+    """A trimmed early-exit head on the onnx target runs as its own graph: same top-kappa ids
+    and log-probs as EarlyExit's PyTorch path (with and without a trained low-rank update); one
+    session per configuration, kept and reused, at most EXIT_HEADS_KEPT of them."""
+    from mirror.decoding.artifacts import ExitHead
+    from mirror.decoding.target import EarlyExit
+
+    model = tiny_model("tiny")
+    ot = OrtTarget(model)
+    g = torch.Generator().manual_seed(1)
+    keep = torch.randperm(model.cfg.vocab_size, generator=g)[:100].sort().values
+    head = None
+    if trained:
+        head = ExitHead(model, 4)
+        head.down.copy_(torch.randn(head.down.shape, generator=g) * 0.3)
+        head.up.copy_(torch.randn(head.up.shape, generator=g) * 0.3)
+    eager, graph = EarlyExit(model, 5, head, keep), EarlyExit(ot, 5, head, keep)
+    assert eager.graph is None and graph.graph is not None
+    h = torch.randn(6, model.cfg.dim, generator=g) * 2
+    (ie, le), (ig, lg) = eager(h), graph(h)
+    assert ig.shape == (6, 5) and ig.dtype == torch.int64
+    assert torch.equal(ig, ie)
+    assert set(ig.flatten().tolist()) <= set(keep.tolist())
+    torch.testing.assert_close(lg, le, atol=1e-4, rtol=1e-4)
+    assert ot.exit_head(keep, 5, head) is graph.graph  # same configuration: same session
+    assert ot.exit_head(keep, 3, head) is not graph.graph
+    for k in range(1, OrtTarget.EXIT_HEADS_KEPT + 2):
+        ot.exit_head(keep, k, head)
+    assert len(ot._exit_heads) == OrtTarget.EXIT_HEADS_KEPT

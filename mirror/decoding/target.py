@@ -29,7 +29,10 @@ class EarlyExit:
     def __init__(self, model: Transformer, kappa: int, trained=None, keep_ids: torch.Tensor | None = None):
         self.model, self.kappa, self.trained, self.keep = model, kappa, trained, keep_ids
         self.head = None
-        if keep_ids is not None:
+        # a graph-backed target runs a trimmed head as its own graph, on the target's threads
+        self.graph = model.exit_head(keep_ids, kappa, trained) \
+            if keep_ids is not None and hasattr(model, "exit_head") else None
+        if keep_ids is not None and self.graph is None:
             if not hasattr(model, "lm_head"):
                 raise ValueError("a trimmed early-exit head needs an unsharded target (no tensor parallelism)")
             from .drafters.network import trimmed_head
@@ -37,6 +40,8 @@ class EarlyExit:
             self.head = trimmed_head(model.lm_head, keep_ids)
 
     def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is not None:
+            return self.graph(h)
         if self.trained is not None:
             h = self.trained.update(h)
         # the model's own head() when untrimmed: tensor-parallel drivers mirror that call
