@@ -344,8 +344,9 @@ class OrtTarget:
         """A trimmed early-exit head as an ONNX Runtime session on the target's pool: a callable
         h [R, dim] -> (ids [R, kappa], logp [R, kappa]), the same results as `EarlyExit`'s
         PyTorch path up to float rounding (the head is a guess for the draft; exactness does not
-        depend on it). Built once per (kappa, trim set, trained head) and kept: ~2 ms of PyTorch
-        on one host thread per Mirror-SD step becomes ~0.5 ms on the target's threads."""
+        depend on it). Built once per (kappa, trim set, trained head) and kept: ~2.2 ms of PyTorch
+        on one host thread per Mirror-SD step becomes 0.6-1.2 ms on the target's 2 or 1 threads
+        (`python -m benchmarks.exit_head_cost`)."""
         import hashlib
 
         keep_ids = keep_ids.to(torch.int64)
