@@ -172,3 +172,37 @@ def test_trimmed_exit_head_graph_matches_pytorch_and_is_reused(trained):
     for k in range(1, OrtTarget.EXIT_HEADS_KEPT + 2):
         ot.exit_head(keep, k, head)
     assert len(ot._exit_heads) == OrtTarget.EXIT_HEADS_KEPT
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2"])
+@torch.inference_mode()
+def test_attending_over_a_cache_slice_is_bit_identical_to_the_whole_row(preset, monkeypatch):
+    """`OrtTarget` attends over only the cache positions a call can see when that is cheaper
+    (prefill chunks, a cache at most half used). Exactness then rests on ONNX Runtime's results
+    not depending on how many masked positions trail: run the same prefill and decode steps with
+    the slice forced off and forced on and compare every bit of the logits and the cache."""
+    model = tiny_model(preset)
+    ot = OrtTarget(model, splits=[1])
+    g = torch.Generator().manual_seed(1)
+    toks = torch.randint(0, model.cfg.vocab_size, (1, 90), generator=g)
+
+    def run(attended):
+        monkeypatch.setattr(OrtTarget, "_attended", attended)
+        cache = ot.new_cache(1, 203)  # an odd length, far longer than what is used
+        outs = [ot(toks[:, :41], torch.arange(41)[None], cache, kv_len=41)]  # a prefill chunk
+        outs += [ot(toks[:, i:i + 1], torch.tensor([[i]]), cache) for i in range(41, 47)]
+        outs.append(ot(toks[:, 47:53], torch.arange(47, 53)[None], cache))  # a verify window
+        outs.append(ot(toks[:, 53:90], torch.arange(53, 90)[None], cache))  # a second chunk
+        return outs, cache
+
+    seen = []
+    whole, cw = run(lambda self, max_len, needed, rows: seen.append((max_len, needed)) or max_len)
+    part, cp = run(lambda self, max_len, needed, rows: needed)
+    assert seen[0] == (203, 41) and seen[-1] == (203, 90)
+    for a, b in zip(whole, part):
+        assert torch.equal(a, b)
+    assert torch.equal(cw.k, cp.k) and torch.equal(cw.v, cp.v)
+    # the default rule: a prefill chunk or a cache at most half used takes the slice
+    monkeypatch.undo()
+    assert ot._attended(203, 41, 41) == 41 and ot._attended(203, 90, 1) == 90
+    assert ot._attended(203, 150, 6) == 203 and ot._attended(203, 203, 64) == 203

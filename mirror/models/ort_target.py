@@ -394,6 +394,20 @@ class OrtTarget:
             h = h[:, -1:]
         return self.head(h)
 
+    SLICE_ROWS = 32  # calls of at least this many tokens (prefill chunks) attend over a slice
+
+    def _attended(self, max_len: int, needed: int, rows: int) -> int:
+        """How many cache positions a call attends over: all `max_len`, or only the `needed`
+        first (its last position + 1; later ones are masked for every row anyway). Both give
+        bit-identical results - masked positions add exact zeros, and ONNX Runtime's softmax and
+        MatMul results do not depend on how many of them trail (tests/test_ort_target.py checks
+        it) - so this is a cost choice: the slice is a copy of `needed` positions, the whole row
+        is fed as is but the graph copies it (ScatterElements) and attends over all of it. A
+        prefill chunk (many rows) or a cache at most half used takes the slice."""
+        if needed < max_len and (rows >= self.SLICE_ROWS or 2 * needed <= max_len):
+            return needed
+        return max_len
+
     def forward_layers(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int = 0,
                        end: int | None = None, rows=None, kv_len: int | None = None) -> torch.Tensor:
         """Layers [start, end) on h [1, T, dim] at positions [1, T]; writes their K/V into `cache`."""
@@ -409,9 +423,9 @@ class OrtTarget:
             raise ValueError("the onnx target backend runs one cache row per call")
         if B != 1 or positions.shape != (1, T):
             raise ValueError("the onnx target backend runs one sequence per call (batch 1)")
-        S = cache.max_len
         cfg = self.cfg
         pos = positions[0]
+        S = self._attended(cache.max_len, int(pos.max()) + 1, T)
         kv_len = int(pos.max()) + 1 if kv_len is None else kv_len
         key = torch.arange(S)
         allowed = (key[None, :] <= pos[:, None]) & (key[None, :] < kv_len)  # [T, S]
@@ -426,8 +440,12 @@ class OrtTarget:
             feeds = {"h": x.numpy(), **common}
             for i in range(a, b):
                 kc, vc = cache.layer(i)
-                feeds[f"k_cache_{i}"] = kc[row:row + 1].numpy()
-                feeds[f"v_cache_{i}"] = vc[row:row + 1].numpy()
+                if S == cache.max_len:  # the cache row itself, no copy
+                    feeds[f"k_cache_{i}"] = kc[row:row + 1].numpy()
+                    feeds[f"v_cache_{i}"] = vc[row:row + 1].numpy()
+                else:  # its first S positions (a copy: the slice is strided over heads)
+                    feeds[f"k_cache_{i}"] = np.ascontiguousarray(kc[row:row + 1, :, :S].numpy())
+                    feeds[f"v_cache_{i}"] = np.ascontiguousarray(vc[row:row + 1, :, :S].numpy())
             out, k_new, v_new = self.segments[(a, b)].run(None, feeds)
             j0 = a - cache.layers.start
             kn, vn = torch.from_numpy(k_new), torch.from_numpy(v_new)  # [L, Hk, T, hd]
