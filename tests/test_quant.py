@@ -76,7 +76,10 @@ def test_smoothing_is_exact_before_rounding(monkeypatch):
     monkeypatch.setattr(quant, "QuantLinear", Fp32)
     ref = _logits(model, ids)
     smoothed = quant.smoothed_copy(model, act, alpha=0.85)
-    assert torch.allclose(_logits(smoothed, ids), ref, atol=1e-4, rtol=1e-4)
+    # equal up to fp32 rounding: logits reach ~32 here, and the rounding depends on the CPU's
+    # GEMM kernels (on an AVX-512 EPYC the largest difference is 1.0e-4, just over the 1e-4 this
+    # test allowed when it was written on AVX2); scales that did not cancel would be off by O(1)
+    torch.testing.assert_close(_logits(smoothed, ids), ref, atol=5e-4, rtol=1e-4)
     # and it did move the scales (otherwise this test proves nothing)
     assert not torch.allclose(smoothed.layers[0].attn_norm.weight, model.layers[0].attn_norm.weight)
 
