@@ -425,8 +425,9 @@ class OrtTarget:
             raise ValueError("the onnx target backend runs one sequence per call (batch 1)")
         cfg = self.cfg
         pos = positions[0]
-        S = self._attended(cache.max_len, int(pos.max()) + 1, T)
-        kv_len = int(pos.max()) + 1 if kv_len is None else kv_len
+        seen = int(pos.max()) + 1  # positions the call's last token sees
+        S = self._attended(cache.max_len, seen, T)
+        kv_len = seen if kv_len is None else kv_len
         key = torch.arange(S)
         allowed = (key[None, :] <= pos[:, None]) & (key[None, :] < kv_len)  # [T, S]
         mask = torch.zeros(T, S).masked_fill_(~allowed, NEG).repeat(cfg.n_rep, 1)
