@@ -4,10 +4,13 @@ A trivial draft (fixed windows, no model) isolates what the channel itself costs
   signal->ack      send_signal + the draft's Ready (Open.ack_signals): one hop each way
   verdict->window  send_verdict until the next DraftWindow arrives (what the target waits on)
   step             send_signal, then send_verdict -> window: the two messages of a Mirror step
+With --gap-ms G the target side sleeps G ms before each round trip, as it would while its layers
+run: both ends go idle between messages, as in a real step, and each hop pays a thread wake-up.
 
     .venv/bin/python -m benchmarks.channel_latency                  # draft server in a 2nd process
     .venv/bin/python -m benchmarks.channel_latency --inproc         # ... or in a thread of this one
     .venv/bin/python -m benchmarks.channel_latency --gamma 7 --kappa 8 --n 5000 --out runs/x.json
+    .venv/bin/python -m benchmarks.channel_latency --gap-ms 40 --n 300   # idle between messages
 """
 from __future__ import annotations
 
@@ -29,8 +32,11 @@ from mirror.spec_config import SpecConfig
 
 
 class _TrivialDrafter:
+    def __init__(self):
+        self.stats = DraftStats()
+
     def totals(self) -> DraftStats:
-        return DraftStats()
+        return self.stats
 
     def close(self) -> None:
         pass
@@ -45,8 +51,11 @@ class TrivialPipeline:
     def start(self, ctx, gamma):
         return DraftWindow(list(range(100, 100 + gamma)))
 
-    def prepare(self):
+    def warm(self, prompt):
         pass
+
+    def prepare(self, should_stop=None):
+        return 0
 
     def on_signal(self, signal, should_stop=None):
         return 0
@@ -69,7 +78,8 @@ def _summary(xs_ns: list[int]) -> dict:
             "mean_ms": statistics.fmean(ms), "max_ms": ms[-1]}
 
 
-def measure(address: str, n: int, warmup: int, gamma: int, kappa: int, vocab: int = 49152) -> dict:
+def measure(address: str, n: int, warmup: int, gamma: int, kappa: int, vocab: int = 49152,
+            gap_ms: float = 0.0) -> dict:
     spec = SpecConfig(method="mirror", gamma=gamma, kappa=kappa)
     params = SamplingParams(max_new_tokens=1 << 20)
     g = torch.Generator().manual_seed(0)
@@ -82,6 +92,8 @@ def measure(address: str, n: int, warmup: int, gamma: int, kappa: int, vocab: in
             xs = []
             for i in range(warmup + n):
                 sig = EarlyExitSignal(i, top.indices, top.values)
+                if gap_ms:
+                    time.sleep(gap_ms / 1e3)
                 t0 = time.perf_counter_ns()
                 if name == "signal->ack":
                     client.send_signal(sig)
@@ -105,6 +117,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=2000, help="round trips per mode")
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--gap-ms", type=float, default=0.0, help="idle ms before each round trip (the target's layers)")
     p.add_argument("--gamma", type=int, default=5)
     p.add_argument("--kappa", type=int, default=8)
     p.add_argument("--inproc", action="store_true", help="draft server in a thread of this process")
@@ -124,7 +137,7 @@ def main(argv=None) -> int:
         proc.start()
         address = f"127.0.0.1:{q.get(timeout=60)}"
     try:
-        res = measure(address, args.n, args.warmup, args.gamma, args.kappa)
+        res = measure(address, args.n, args.warmup, args.gamma, args.kappa, gap_ms=args.gap_ms)
     finally:
         if srv is not None:
             srv.stop()
@@ -133,7 +146,8 @@ def main(argv=None) -> int:
             proc.join(5)
     report = {"benchmark": "channel_latency", "server": "thread" if args.inproc else "process",
               "gamma": args.gamma, "kappa": args.kappa, "signal_numbers": 2 * (args.gamma + 1) * args.kappa,
-              "window_ids": args.gamma, "n": args.n, "cpus": os.cpu_count(), "python": platform.python_version(),
+              "window_ids": args.gamma, "n": args.n, "gap_ms": args.gap_ms, "cpus": os.cpu_count(),
+              "python": platform.python_version(),
               "results": res}
     for name, r in res.items():
         print(f"{name:>16}: p50 {r['p50_ms']:.3f} ms  p90 {r['p90_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  "

@@ -15,7 +15,11 @@ windows (a dict lookup on a hit, serial drafting on a miss). From these:
                      done while the target was busy with its layers;
   channel time     = window wait - (overrun + verdict) + signal send: time on the wire and in
                      the gRPC stacks, not in either model;
-  channel share    = channel time / decode time.
+  channel share    = channel time / decode time;
+  taken rate       = share of verdicts whose window the target took from the branches the draft
+                     pushed before the verdict (SpecConfig.push_branches): no round trip, and the
+                     draft's verdict work on them is off the target's path, so with a high taken
+                     rate `channel time` under-estimates (it subtracts that work from the wait).
 The token-channel round trip itself is measured by benchmarks/channel_latency.py.
 """
 from __future__ import annotations
@@ -85,8 +89,9 @@ def summarise(metrics: list[dict]) -> dict:
     """The overlap figures of distributed Mirror-SD requests (their `Metrics.to_dict()`)."""
     tot = {k: 0.0 for k in ("prefix_s", "suffix_s", "signal_s", "window_s", "first_window_s", "decode_s",
                             "expand_s", "overrun_s", "verdict_s", "prepare_s")}
-    steps = hits = misses = tokens = pre_branches = pre_hits = 0
+    steps = hits = misses = tokens = pre_branches = pre_hits = taken = 0
     for m in metrics:
+        taken += m["extra"].get("taken", 0)
         pre_branches += m["extra"].get("pre_branches", 0)
         pre_hits += m["extra"].get("pre_hits", 0)
         for k, v in m["extra"].get("timing", {}).items():
@@ -105,6 +110,9 @@ def summarise(metrics: list[dict]) -> dict:
     return {
         "requests": n, "steps": steps, "tokens": tokens, "tau": (tokens - n) / steps if steps else 0.0,
         "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+        # pushed branches (SpecConfig.push_branches): share of verdicts whose window the target
+        # already held - no round trip; the draft's work on them is off the target's path too
+        "taken_rate": taken / (hits + misses) if hits + misses else 0.0,
         # pre-signal rollouts (pre_budget): share of verdicts whose window came from one
         "pre_hit_rate": pre_hits / (hits + misses) if hits + misses else 0.0,
         "pre_branches_per_step": pre_branches / max(steps, 1),

@@ -52,6 +52,10 @@ class SpecConfig:
     # arrival, estimated from earlier steps' signal -> verdict times ("predict"): a step already
     # running when the verdict comes delays the next window by its remainder.
     rollout_stop: str = "predict"
+    # Mirror-SD with the draft behind the channel: the draft sends its finished rollouts to the
+    # target before the verdict, so a hit's window is on the target's side already (no round
+    # trip); windows with draft distributions (sampled network drafts) are never pushed.
+    push_branches: bool = True
     # Mirror-SD with a network draft: hypotheses expanded as soon as the window is sent, ranked by
     # the draft's own distribution over the window (its runner-up tokens at each position), so
     # the draft works through the target's prefix too instead of waiting for the signal; the
@@ -113,6 +117,8 @@ class SpecConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if not isinstance(self.push_branches, bool):
+            raise ValueError(f"push_branches must be true or false, got {self.push_branches!r}")
         if not isinstance(self.onnx_strict, bool):
             raise ValueError(f"onnx_strict must be true or false, got {self.onnx_strict!r}")
         if self.draft_backend == "onnx":  # (an n-gram-only draft has no network: the backend is moot)

@@ -12,6 +12,7 @@ from mirror.decoding.target import TargetPipeline
 from mirror.runtime.channel import (ChannelError, DraftChannelClient, DraftServer, model_draft_factory,
                                     sampling_from_proto, sampling_to_proto, signal_from_proto, signal_to_proto,
                                     spec_from_proto, spec_to_proto, window_from_proto, window_to_proto)
+from mirror.proto.mirror.v1 import channel_pb2 as pb
 from mirror.runtime.remote_generate import generate_remote
 from mirror.sampling import SamplingParams
 from mirror.spec_config import SpecConfig
@@ -52,7 +53,26 @@ def test_greedy_mirror_through_the_channel_equals_plain_decoding(bundled, draft_
         # every verdict but the last got a window from the draft, counted there as hit or miss
         assert m.hits + m.misses == m.target_steps - 1 and m.target_steps > 0
         assert m.draft_tokens_computed > 0
+        # pushed branches: hits whose window the target already held (no round trip); network
+        # rollouts still running when the verdict is expected are not pushed (timing-dependent)
+        assert m.extra.get("taken", 0) <= m.hits
         assert draft_server.servicer.sessions == {}
+
+
+def test_pushed_branches_are_taken_and_decode_the_same(bundled, draft_server):
+    """n-gram rollouts (dict probes) are done long before the verdict: every hit after the
+    first step finds its window pushed; without pushing, the same tokens and hits."""
+    from dataclasses import replace
+
+    spec = SpecConfig(method="mirror", draft="ngram", gamma=4, kappa=4, budget=16)
+    ids = bundled.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[2]}])
+    ref = generate(bundled.model, bundled.tokenizer, ids, PARAMS, SpecConfig(method="ar"))
+    pushed = _remote(bundled, draft_server, ids, PARAMS, spec)
+    plain = _remote(bundled, draft_server, ids, PARAMS, replace(spec, push_branches=False))
+    assert pushed.ids == plain.ids == ref.ids
+    m = pushed.metrics
+    assert m.hits == plain.metrics.hits > 0
+    assert 0 < m.extra["taken"] <= m.hits and "taken" not in plain.metrics.extra
 
 
 def test_pre_signal_rollouts_through_the_channel_are_lossless_and_counted(bundled, draft_server):
@@ -174,6 +194,78 @@ def test_verdict_stops_the_expansion_then_answers(scripted):
         stats = client.close()
         assert stats == DraftStats(5, 3, 1, 2, 4, {"scripted": 3})
     assert srv.servicer.sessions == {} and p.drafter.closed
+
+
+class BranchingDrafter(ScriptedDrafter):
+    def __init__(self):
+        super().__init__()
+        self.branches = {}
+
+    def ready(self):
+        return dict(self.branches)
+
+
+class BranchingPipeline(ScriptedPipeline):
+    """Each signal's rollouts: one branch, (1, 9) -> [9, 10, 11], done at once; plus one with
+    distributions, which is never pushed."""
+
+    def __init__(self, req):
+        super().__init__(req)
+        self.drafter = BranchingDrafter()
+
+    def on_signal(self, signal, should_stop=None):
+        self.signals.append(signal)
+        self.events.append("expand")
+        self.drafter.branches = {(1, 9): DraftWindow([9, 10, 11], source="branch"),
+                                 (0, 4): DraftWindow([4, 4], torch.full((2, 8), 0.125), "sampled")}
+        return 1
+
+    def on_verdict(self, verdict, gamma):
+        self.events.append(("verdict", verdict.step, verdict.accepted, verdict.token, gamma))
+        w = self.drafter.branches.get((verdict.accepted, verdict.token))
+        self.drafter.branches = {}
+        return w or DraftWindow([verdict.token] * gamma, source="scripted")
+
+
+@pytest.mark.parametrize("push", [True, False])
+def test_pushed_branches_answer_a_hit_without_a_round_trip(push):
+    with DraftServer(lambda req: BranchingPipeline(req)) as srv:
+        with DraftChannelClient(srv.address, session_timeout=60, reply_timeout=5) as client:
+            client.open([5], 6, 3, SPEC, PARAMS, push_branches=push)
+            (session,) = srv.servicer.sessions.values()
+            p = session.pipeline
+
+            def step(s, verdict):
+                client.send_signal(_signal(s))
+                wait_until(lambda: p.events.count("expand") == s + 1)
+                time.sleep(0.05)  # the suffix: pushed branches reach the target's inbox meanwhile
+                return client.send_verdict(verdict, gamma=3)
+
+            # step 0: the draft has no signal -> verdict estimate yet, so nothing is pushed
+            assert step(0, Verdict(0, 1, 9)).ids == [9, 10, 11] and client.taken == 0
+            # step 1: a hit among the pushed branches is the target's at once
+            w1 = step(1, Verdict(1, 1, 9))
+            assert w1.ids == [9, 10, 11] and w1.source == "branch" and w1.probs is None
+            assert client.taken == (1 if push else 0)
+            wait_until(lambda: ("verdict", 1, 1, 9, 3) in p.events)  # the draft committed the hit too
+            # a miss: answered by the draft; a stray window for step 1 would fail the step check
+            assert step(2, Verdict(2, 0, 5)).ids == [5, 5, 5]
+            # a branch with distributions is never pushed: (0, 4) comes back the slow way
+            w3 = step(3, Verdict(3, 0, 4))
+            assert w3.ids == [4, 4] and w3.probs is not None and client.taken == (1 if push else 0)
+            assert client.close().taken == (1 if push else 0)
+        wait_until(lambda: srv.servicer.sessions == {})
+
+
+def test_a_verdict_taking_a_branch_never_pushed_is_refused():
+    with DraftServer(lambda req: BranchingPipeline(req)) as srv:
+        with DraftChannelClient(srv.address, session_timeout=60, reply_timeout=5) as client:
+            client.open([5], 6, 3, SPEC, PARAMS, push_branches=True)
+            client.send_signal(_signal(0))
+            client._send(pb.TargetMessage(verdict=pb.Verdict(step=0, accepted=2, token=7, gamma=3, taken=True)))
+            with pytest.raises(ChannelError, match=r"takes branch \(2, 7\), which was not pushed"):
+                client._recv("window")
+        wait_until(lambda: srv.servicer.sessions == {})
 
 
 def test_a_deferred_open_prefills_first_and_answers_the_first_token(scripted):

@@ -135,6 +135,8 @@ def generate_speculative(target: TargetPipeline, draft: DraftPipeline, tokenizer
     m.draft_tokens_computed, m.draft_tokens_used = st.computed, st.used
     m.hits, m.misses = st.hits, st.misses
     m.extra["branches"] = st.branches
+    if st.taken:  # behind the channel: hits whose window was already on the target's side
+        m.extra["taken"] = st.taken
     if st.pre_branches:
         m.extra["pre_branches"], m.extra["pre_hits"] = st.pre_branches, st.pre_hits
     m.extra["timing"] = tm

@@ -9,18 +9,25 @@ stream per request). Target side: `DraftChannelClient` is what the target loop c
     client.open(prompt_ids, None, 0, spec, params); ...; window = client.first(first_token, gamma)
     client.send_signal(signal)          # returns at once; the draft starts branch rollouts
     ...                                 # target suffix runs meanwhile
-    window = client.send_verdict(verdict, gamma)   # blocks until the next window arrives
+    window = client.send_verdict(verdict, gamma)   # blocks until the next window arrives - or,
+                                        # opened with push_branches, returns at once on a hit
     stats = client.close()              # the draft's DraftStats; the session is freed
 
 Timing (the point of Mirror-SD): on a signal the draft starts `DraftPipeline.on_signal` in the
 session's worker thread and goes back to reading the stream. When the verdict arrives it sets
 the stop flag, waits for the rollouts to stop at their next batch boundary, then calls
 `on_verdict` and sends the window - so the draft expands branches exactly while the target
-runs its suffix, and never longer.
+runs its suffix, and never longer. With `push_branches` (Mirror-SD, the runtime's default) the
+draft also sends the finished rollouts to the target before the verdict (`Branches`): when the
+verdict is a hit the target takes its next window from them at once and tells the draft so
+(`Verdict.taken`), and no window crosses back - a hit costs no round trip.
 
 Threads: gRPC's sync API on both ends. The client hands messages to gRPC's own sender thread
 through a queue (sending never blocks the target); the server reads each session's stream in
-a handler thread and runs rollouts in one worker thread per session.
+a handler thread and runs rollouts in one worker thread per session. The handler also sends
+the pushed branches: after a signal it waits for that signal's rollouts - at most until the
+verdict is expected (the session's running estimate of signal -> verdict) - then goes back to
+reading; rollouts still running then are not pushed, and the verdict stops them as before.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, fields
@@ -53,6 +61,9 @@ _DEFAULTED = ("rollout_stop", "draft_quant")  # "" -> SpecConfig's default
 _MESSAGE_MB = 64  # stochastic windows carry [G, vocab] floats (~1 MB at G=5, V=49152)
 _GRPC_OPTIONS = [("grpc.max_send_message_length", _MESSAGE_MB << 20),
                  ("grpc.max_receive_message_length", _MESSAGE_MB << 20)]
+
+
+_END = object()  # ends the client's request queue
 
 
 class ChannelError(RuntimeError):
@@ -120,7 +131,8 @@ def window_from_proto(msg: pb.DraftWindow) -> DraftWindow:
 
 def stats_from_proto(msg: pb.DraftStats) -> DraftStats:
     return DraftStats(msg.computed, msg.used, msg.hits, msg.misses, msg.branches, dict(msg.by_source),
-                      msg.expand_s, msg.overrun_s, msg.verdict_s, msg.prepare_s, msg.pre_branches, msg.pre_hits)
+                      msg.expand_s, msg.overrun_s, msg.verdict_s, msg.prepare_s, msg.pre_branches, msg.pre_hits,
+                      msg.taken)
 
 
 # --- draft side --------------------------------------------------------------------------------
@@ -160,8 +172,13 @@ def model_draft_factory(target_model) -> DraftFactory:
 
 
 class _Session:
-    def __init__(self, req: SessionRequest, pipeline: DraftPipeline, ack_signals: bool):
+    def __init__(self, req: SessionRequest, pipeline: DraftPipeline, ack_signals: bool,
+                 push_branches: bool = False):
         self.req, self.pipeline, self.ack_signals = req, pipeline, ack_signals
+        # push_branches: a signal's finished rollouts go to the target before its verdict
+        self.push = push_branches and req.spec.method == "mirror"
+        self._pushed: tuple[int, dict] | None = None  # (step, {(A, t): ids}) last pushed
+        self.taken = 0
         self.worker = futures.ThreadPoolExecutor(1, thread_name_prefix=f"draft-{req.session_id[:8]}")
         self.stop = threading.Event()
         self.expansion: futures.Future | None = None
@@ -214,6 +231,23 @@ class _Session:
         with torch.inference_mode():
             return self.pipeline.on_signal(signal, should_stop=self._should_stop)
 
+    def branches(self, step: int) -> pb.DraftMessage | None:
+        """(Handler thread, after a signal) this signal's rollouts to push, once they are done -
+        waiting at most until the verdict is expected; None: not done by then, or nothing to push."""
+        if not self.push or self.expansion is None or self._signal_t is None or self._suffix_s is None:
+            return None  # (no estimate yet - a session's first signal - no wait: the verdict comes first)
+        wait = self._signal_t + 0.9 * self._suffix_s - time.perf_counter()
+        done, _ = futures.wait([self.expansion], timeout=max(0.0, wait))
+        if not done or self.expansion.exception() is not None:
+            return None  # (a failed expansion is reported at the verdict, as without pushing)
+        ready = getattr(self.pipeline.drafter, "ready", None)  # (a duck-typed drafter may have none)
+        ready = {k: w for k, w in ready().items() if w.probs is None} if ready is not None else {}
+        if not ready:
+            return None
+        self._pushed = (step, {k: list(w.ids) for k, w in ready.items()})
+        return pb.DraftMessage(branches=pb.Branches(step=step, branches=[
+            pb.Branch(accepted=a, token=t, ids=w.ids, source=w.source) for (a, t), w in ready.items()]))
+
     def _should_stop(self) -> bool:
         """Asked by the drafter between rollout steps: stop once the verdict is here, or (predict)
         rather than start a step that would end after the verdict's expected arrival."""
@@ -237,20 +271,31 @@ class _Session:
             fut.result()
         self.pipeline.drafter.stats.overrun_s += time.perf_counter() - t  # draft work past the verdict
 
-    def on_verdict(self, verdict: Verdict, gamma: int) -> DraftWindow:
+    def on_verdict(self, verdict: Verdict, gamma: int, taken: bool = False) -> DraftWindow:
+        """The next window; with `taken`, the pushed branch the target already holds (checked)."""
         if self._signal_t is not None:  # how long after its signal a verdict arrives
             seen, self._signal_t = time.perf_counter() - self._signal_t, None
             self._suffix_s = seen if self._suffix_s is None else 0.8 * self._suffix_s + 0.2 * seen
         self._finish_expansion()
+        pushed, self._pushed = self._pushed, None
+        key = (verdict.accepted, verdict.token)
+        if taken and (pushed is None or pushed[0] != verdict.step or key not in pushed[1]):
+            raise ValueError(f"verdict of step {verdict.step} takes branch {key}, which was not pushed")
         with torch.inference_mode():
-            return self.pipeline.on_verdict(verdict, gamma)
+            w = self.pipeline.on_verdict(verdict, gamma)
+        if taken:
+            if w.ids != pushed[1][key]:
+                raise RuntimeError(f"branch {key} of step {verdict.step} changed after it was pushed")
+            self.taken += 1
+        return w
 
     def stats(self) -> pb.DraftStats:
         st = self.pipeline.drafter.totals()
         return pb.DraftStats(computed=st.computed, used=st.used, hits=st.hits, misses=st.misses,
                              branches=st.branches, by_source={str(k): int(v) for k, v in st.by_source.items()},
                              expand_s=st.expand_s, overrun_s=st.overrun_s, verdict_s=st.verdict_s,
-                             prepare_s=st.prepare_s, pre_branches=st.pre_branches, pre_hits=st.pre_hits)
+                             prepare_s=st.prepare_s, pre_branches=st.pre_branches, pre_hits=st.pre_hits,
+                             taken=self.taken)
 
     def close(self) -> None:
         """Idempotent; from the handler thread or gRPC's termination callback."""
@@ -292,7 +337,7 @@ class DraftChannelServicer(channel_pb2_grpc.DraftChannelServicer):
                     o = msg.open
                     req = SessionRequest(o.session_id or uuid.uuid4().hex, list(o.prompt_ids), o.first_token,
                                          o.gamma, spec_from_proto(o.spec), sampling_from_proto(o.sampling))
-                    session = _Session(req, self.factory(req), o.ack_signals)
+                    session = _Session(req, self.factory(req), o.ack_signals, o.push_branches)
                     with self._lock:
                         if req.session_id in self.sessions:
                             session.close()
@@ -318,10 +363,13 @@ class DraftChannelServicer(channel_pb2_grpc.DraftChannelServicer):
                     session.on_signal(signal_from_proto(msg.signal))
                     if session.ack_signals:
                         yield pb.DraftMessage(ready=pb.Ready(step=msg.signal.step))
+                    if (branches := session.branches(msg.signal.step)) is not None:
+                        yield branches
                 elif kind == "verdict":
                     v = msg.verdict
-                    window = session.on_verdict(Verdict(v.step, v.accepted, v.token), v.gamma)
-                    yield pb.DraftMessage(window=window_to_proto(window, step=v.step + 1))
+                    window = session.on_verdict(Verdict(v.step, v.accepted, v.token), v.gamma, v.taken)
+                    if not v.taken:  # (taken: the target holds this window already)
+                        yield pb.DraftMessage(window=window_to_proto(window, step=v.step + 1))
                     session.window_sent()
                 elif kind == "close":
                     session._finish_expansion()
@@ -371,9 +419,6 @@ class DraftServer:
 
 
 # --- target side -------------------------------------------------------------------------------
-_END = object()
-
-
 class DraftChannelClient:
     """The target's end of one session at a time (open -> signals/verdicts -> close)."""
 
@@ -392,6 +437,9 @@ class DraftChannelClient:
         self._call = None
         self.session_id: str | None = None
         self._step = 0
+        self._held: deque = deque()  # replies read ahead while looking for pushed branches
+        self._pushed: tuple[int, dict] | None = None  # (step, {(A, t): DraftWindow}) from Branches
+        self.taken = 0  # windows taken from pushed branches in this client's sessions
 
     @property
     def is_open(self) -> bool:
@@ -411,14 +459,43 @@ class DraftChannelClient:
         except grpc.RpcError as e:
             inbox.put(e)
 
+    def _keep(self, b: pb.Branches) -> None:
+        self._pushed = (b.step, {(x.accepted, x.token): DraftWindow(list(x.ids), None, x.source)
+                                 for x in b.branches})
+
+    def _drain(self) -> None:
+        """Take in what has arrived without waiting: pushed branches are kept, anything else is
+        held for the next `_recv`."""
+        if self._inbox is None:
+            raise ChannelError("no open session")
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(msg, pb.DraftMessage) and msg.WhichOneof("kind") == "branches":
+                self._keep(msg.branches)
+            else:
+                self._held.append(msg)
+
     def _recv(self, expect: str):
         if self._inbox is None:
             raise ChannelError("no open session")
-        try:
-            msg = self._inbox.get(timeout=self.reply_timeout)
-        except queue.Empty:
-            self._end(cancel=True)
-            raise ChannelError(f"the draft stalled: no {expect} within {self.reply_timeout:.3f} s") from None
+        deadline = None if self.reply_timeout is None else time.perf_counter() + self.reply_timeout
+        while True:
+            if self._held:
+                msg = self._held.popleft()
+            else:
+                try:
+                    wait = None if deadline is None else max(0.0, deadline - time.perf_counter())
+                    msg = self._inbox.get(timeout=wait)
+                except queue.Empty:
+                    self._end(cancel=True)
+                    raise ChannelError(f"the draft stalled: no {expect} within {self.reply_timeout:.3f} s") from None
+            if isinstance(msg, pb.DraftMessage) and msg.WhichOneof("kind") == "branches":
+                self._keep(msg.branches)  # pushed rollouts: kept for the verdict they belong to
+                continue
+            break
         if isinstance(msg, StopIteration):
             self._end()
             raise ChannelError(f"the draft ended the session while the target waited for {expect}")
@@ -443,10 +520,12 @@ class DraftChannelClient:
 
     def open(self, prompt_ids: list[int], first_token: int | None, gamma: int, spec: SpecConfig,
              params: SamplingParams, session_id: str | None = None,
-             ack_signals: bool = False) -> DraftWindow | None:
+             ack_signals: bool = False, push_branches: bool = False) -> DraftWindow | None:
         """Start a session; returns the draft's first window (drafted from prompt + first token).
         With `first_token=None` it returns at once (None): the draft prefills the prompt while
-        the target prefills it, and `first(token, gamma)` then returns the first window."""
+        the target prefills it, and `first(token, gamma)` then returns the first window.
+        `push_branches` (Mirror-SD): the draft sends each signal's finished rollouts before the
+        verdict, and `send_verdict` returns a hit's window without waiting."""
         if self.is_open:
             raise ChannelError("a session is already open on this client")
         self.session_id = session_id or uuid.uuid4().hex
@@ -458,7 +537,7 @@ class DraftChannelClient:
         self._send(pb.TargetMessage(open=pb.Open(
             session_id=self.session_id, prompt_ids=prompt_ids, first_token=first_token or 0, gamma=gamma,
             spec=spec_to_proto(spec), sampling=sampling_to_proto(params), ack_signals=ack_signals,
-            defer_first=first_token is None)))
+            defer_first=first_token is None, push_branches=push_branches)))
         return None if first_token is None else self._window(0)
 
     def first(self, token: int, gamma: int) -> DraftWindow:
@@ -475,9 +554,17 @@ class DraftChannelClient:
         return self._recv("ready").step
 
     def send_verdict(self, verdict: Verdict, gamma: int) -> DraftWindow:
-        """Send the verdict; blocks until the next window (of at most `gamma` tokens) arrives."""
+        """Send the verdict; returns the next window (of at most `gamma` tokens when drafted
+        now). A hit among the branches pushed for this step is returned at once - the draft is
+        told it was taken; otherwise this blocks until the draft's window arrives."""
+        self._drain()
+        pushed, self._pushed = self._pushed, None
+        w = pushed[1].get((verdict.accepted, verdict.token)) if pushed and pushed[0] == verdict.step else None
         self._send(pb.TargetMessage(verdict=pb.Verdict(step=verdict.step, accepted=verdict.accepted,
-                                                       token=verdict.token, gamma=gamma)))
+                                                       token=verdict.token, gamma=gamma, taken=w is not None)))
+        if w is not None:
+            self.taken += 1
+            return w
         return self._window(verdict.step + 1)
 
     def close(self) -> DraftStats:
@@ -501,6 +588,8 @@ class DraftChannelClient:
         if cancel and self._call is not None:
             self._call.cancel()
         self._out, self._call, self.session_id, self._inbox = None, None, None, None
+        self._held.clear()
+        self._pushed = None
 
     def shutdown(self) -> None:
         """Cancel any session and close the gRPC channel if this client made it."""

@@ -9,8 +9,10 @@ half of every rendezvous crosses gRPC:
     first token ----------------------------------------------------> window 0
     target.prefix -> signal ---- send_signal (returns at once) ----> draft expands branches
     target.suffix (meanwhile)
-    verdict --------------------- send_verdict (waits) ------------> draft: stop, hit/miss
-    window <--------------------------------------------------------
+    window's branches <-------------------------------------------- (pushed when the rollouts are done)
+    verdict --------------------- send_verdict ---------------------> draft: stop, hit/miss
+    hit among the pushed branches: its window, at once (Verdict.taken: the draft sends none)
+    otherwise window <----------------------------------------------
 """
 from __future__ import annotations
 
@@ -36,13 +38,15 @@ class RemoteDraftPipeline:
 
     def __init__(self, client: DraftChannelClient, spec: SpecConfig, params: SamplingParams):
         self.client, self.spec, self.params = client, spec, params
+        # Mirror-SD: the draft pushes its finished rollouts, so a hit needs no round trip
+        self.push = spec.push_branches and spec.method == "mirror"
         self.drafter = self
         self._stats: DraftStats | None = None
         self._begun: list[int] | None = None  # the prompt of a deferred open
 
     def begin(self, prompt: list[int]) -> None:
         """Open the session before the target's prefill: the draft prefills the prompt meanwhile."""
-        self.client.open(prompt, None, 0, self.spec, self.params)
+        self.client.open(prompt, None, 0, self.spec, self.params, push_branches=self.push)
         self._begun = list(prompt)
 
     def start(self, ctx: list[int], gamma: int) -> DraftWindow:
@@ -51,7 +55,7 @@ class RemoteDraftPipeline:
             if begun == ctx[:-1]:
                 return self.client.first(ctx[-1], gamma)
             self.client.cancel()  # another prompt after all: a fresh session
-        return self.client.open(ctx[:-1], ctx[-1], gamma, self.spec, self.params)
+        return self.client.open(ctx[:-1], ctx[-1], gamma, self.spec, self.params, push_branches=self.push)
 
     def prepare(self) -> None:
         """Nothing to send: the draft prepares on its own as soon as it has sent a window."""

@@ -36,6 +36,7 @@ class DraftStats:
     prepare_s: float = 0.0  # Mirror-SD: KV for the window just sent (+ pre-signal rollouts), during the target's prefix
     pre_branches: int = 0  # hypotheses expanded before the signal (SpecConfig.pre_budget)
     pre_hits: int = 0  # hits on those
+    taken: int = 0  # behind the channel: hits whose window the target took from pushed branches
 
 
 @dataclass(slots=True)
@@ -114,6 +115,11 @@ class Drafter:
     def take(self, verdict: Verdict) -> DraftWindow | None:
         """If (A, t) was precomputed, commit it and return the ready next window."""
         return None
+
+    def ready(self) -> dict[tuple[int, int], DraftWindow]:
+        """The windows `take` would return now, by hypothesis (A, t): what the draft worker can
+        push to the target before the verdict (Open.push_branches)."""
+        return {}
 
     def close(self) -> None:
         pass

@@ -84,6 +84,11 @@ class CombinedDrafter(Drafter):
         covered = {k for k, w in self.ngram._branches.items() if self._prefer(w)}
         return self.net.expand(signal, gamma, budget, should_stop, batch, skip=covered)
 
+    def ready(self) -> dict[tuple[int, int], DraftWindow]:
+        out = self.net.ready()  # take: the n-gram's window where preferred, else the network's
+        out.update({k: w for k, w in self.ngram.ready().items() if self._prefer(w)})
+        return out
+
     def take(self, verdict: Verdict) -> DraftWindow | None:
         ng = self.ngram._branches.get((verdict.accepted, verdict.token))
         if self._prefer(ng):

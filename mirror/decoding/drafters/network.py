@@ -377,6 +377,9 @@ class NetworkDrafter(Drafter):
             own = {i: (top_ids[r][i], top_p[r][i]) for i in range(min(m + 1, len(tops)))}
             self._branches[(h.j, h.token)] = (int(prefix[r]), w, row0 + r, fed, own)
 
+    def ready(self) -> dict[tuple[int, int], DraftWindow]:
+        return {k: b[1] for k, b in self._branches.items()}
+
     def take(self, verdict: Verdict) -> DraftWindow | None:
         hit = self._branches.get((verdict.accepted, verdict.token))
         self._branches = {}

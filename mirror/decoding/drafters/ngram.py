@@ -256,6 +256,9 @@ class NgramDrafter(Drafter):
         w = self._branches[(j, token)] = self._draft_after(ctx, gamma)
         return w
 
+    def ready(self) -> dict[tuple[int, int], DraftWindow]:
+        return dict(self._branches)
+
     def take(self, verdict: Verdict) -> DraftWindow | None:
         w = self._branches.get((verdict.accepted, verdict.token))
         self._branches = {}

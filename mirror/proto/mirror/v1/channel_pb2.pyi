@@ -75,7 +75,7 @@ class DraftSampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("session_id", "prompt_ids", "first_token", "gamma", "spec", "sampling", "ack_signals", "defer_first")
+    __slots__ = ("session_id", "prompt_ids", "first_token", "gamma", "spec", "sampling", "ack_signals", "defer_first", "push_branches")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class Open(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     ACK_SIGNALS_FIELD_NUMBER: _ClassVar[int]
     DEFER_FIRST_FIELD_NUMBER: _ClassVar[int]
+    PUSH_BRANCHES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     first_token: int
@@ -92,7 +93,8 @@ class Open(_message.Message):
     sampling: DraftSampling
     ack_signals: bool
     defer_first: bool
-    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., gamma: _Optional[int] = ..., spec: _Optional[_Union[SpecConfig, _Mapping]] = ..., sampling: _Optional[_Union[DraftSampling, _Mapping]] = ..., ack_signals: _Optional[bool] = ..., defer_first: _Optional[bool] = ...) -> None: ...
+    push_branches: bool
+    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., gamma: _Optional[int] = ..., spec: _Optional[_Union[SpecConfig, _Mapping]] = ..., sampling: _Optional[_Union[DraftSampling, _Mapping]] = ..., ack_signals: _Optional[bool] = ..., defer_first: _Optional[bool] = ..., push_branches: _Optional[bool] = ...) -> None: ...
 
 class First(_message.Message):
     __slots__ = ("token", "gamma")
@@ -115,16 +117,18 @@ class EarlyExitSignal(_message.Message):
     def __init__(self, step: _Optional[int] = ..., kappa: _Optional[int] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("step", "accepted", "token", "gamma")
+    __slots__ = ("step", "accepted", "token", "gamma", "taken")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
+    TAKEN_FIELD_NUMBER: _ClassVar[int]
     step: int
     accepted: int
     token: int
     gamma: int
-    def __init__(self, step: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., gamma: _Optional[int] = ...) -> None: ...
+    taken: bool
+    def __init__(self, step: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., gamma: _Optional[int] = ..., taken: _Optional[bool] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ()
@@ -164,6 +168,26 @@ class DraftWindow(_message.Message):
     source: str
     def __init__(self, step: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., probs: _Optional[bytes] = ..., vocab_size: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
+class Branch(_message.Message):
+    __slots__ = ("accepted", "token", "ids", "source")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    token: int
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    source: str
+    def __init__(self, accepted: _Optional[int] = ..., token: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class Branches(_message.Message):
+    __slots__ = ("step", "branches")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    branches: _containers.RepeatedCompositeFieldContainer[Branch]
+    def __init__(self, step: _Optional[int] = ..., branches: _Optional[_Iterable[_Union[Branch, _Mapping]]] = ...) -> None: ...
+
 class Ready(_message.Message):
     __slots__ = ("step",)
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -177,7 +201,7 @@ class Error(_message.Message):
     def __init__(self, message: _Optional[str] = ...) -> None: ...
 
 class DraftStats(_message.Message):
-    __slots__ = ("computed", "used", "hits", "misses", "branches", "by_source", "expand_s", "overrun_s", "verdict_s", "prepare_s", "pre_branches", "pre_hits")
+    __slots__ = ("computed", "used", "hits", "misses", "branches", "by_source", "expand_s", "overrun_s", "verdict_s", "prepare_s", "pre_branches", "pre_hits", "taken")
     class BySourceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +221,7 @@ class DraftStats(_message.Message):
     PREPARE_S_FIELD_NUMBER: _ClassVar[int]
     PRE_BRANCHES_FIELD_NUMBER: _ClassVar[int]
     PRE_HITS_FIELD_NUMBER: _ClassVar[int]
+    TAKEN_FIELD_NUMBER: _ClassVar[int]
     computed: int
     used: int
     hits: int
@@ -209,16 +234,19 @@ class DraftStats(_message.Message):
     prepare_s: float
     pre_branches: int
     pre_hits: int
-    def __init__(self, computed: _Optional[int] = ..., used: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., branches: _Optional[int] = ..., by_source: _Optional[_Mapping[str, int]] = ..., expand_s: _Optional[float] = ..., overrun_s: _Optional[float] = ..., verdict_s: _Optional[float] = ..., prepare_s: _Optional[float] = ..., pre_branches: _Optional[int] = ..., pre_hits: _Optional[int] = ...) -> None: ...
+    taken: int
+    def __init__(self, computed: _Optional[int] = ..., used: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., branches: _Optional[int] = ..., by_source: _Optional[_Mapping[str, int]] = ..., expand_s: _Optional[float] = ..., overrun_s: _Optional[float] = ..., verdict_s: _Optional[float] = ..., prepare_s: _Optional[float] = ..., pre_branches: _Optional[int] = ..., pre_hits: _Optional[int] = ..., taken: _Optional[int] = ...) -> None: ...
 
 class DraftMessage(_message.Message):
-    __slots__ = ("window", "ready", "error", "stats")
+    __slots__ = ("window", "ready", "error", "stats", "branches")
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_FIELD_NUMBER: _ClassVar[int]
     window: DraftWindow
     ready: Ready
     error: Error
     stats: DraftStats
-    def __init__(self, window: _Optional[_Union[DraftWindow, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., stats: _Optional[_Union[DraftStats, _Mapping]] = ...) -> None: ...
+    branches: Branches
+    def __init__(self, window: _Optional[_Union[DraftWindow, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., stats: _Optional[_Union[DraftStats, _Mapping]] = ..., branches: _Optional[_Union[Branches, _Mapping]] = ...) -> None: ...
