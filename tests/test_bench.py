@@ -354,20 +354,32 @@ def test_overlap_summary_arithmetic():
     share, and the pre-signal hit rate."""
     from benchmarks.runtime_overlap import summarise
 
-    def req(steps, tokens, hits, misses, pre_hits, pre_branches):
+    def req(steps, tokens, hits, misses, pre_hits, pre_branches, taken):
         return {"target_steps": steps, "new_tokens": tokens, "hits": hits, "misses": misses, "decode_s": 1.0,
                 "extra": {"timing": {"prefix_s": 0.5, "suffix_s": 0.3, "signal_s": 0.01, "window_s": 0.05},
                           "draft_timing": {"expand_s": 0.3, "overrun_s": 0.02, "verdict_s": 0.03, "prepare_s": 0.1},
-                          "pre_branches": pre_branches, "pre_hits": pre_hits}}
+                          "pre_branches": pre_branches, "pre_hits": pre_hits, **({"taken": taken} if taken else {})}}
 
-    s = summarise([req(10, 21, 6, 3, 2, 40), req(10, 21, 3, 6, 1, 40)])
+    s = summarise([req(10, 21, 6, 3, 2, 40, 5), req(10, 21, 3, 6, 1, 40, 0)])
     assert s["steps"] == 20 and s["tau"] == pytest.approx(2.0)
     assert s["hit_rate"] == pytest.approx(0.5) and s["pre_hit_rate"] == pytest.approx(3 / 18)
+    assert s["taken_rate"] == pytest.approx(5 / 18)
     assert s["pre_branches_per_step"] == pytest.approx(4.0)
     assert s["per_step_ms"]["prefix_s"] == pytest.approx(50.0)
     assert s["hidden_fraction"] == pytest.approx((0.2 + 0.6 - 0.04) / (0.2 + 0.6 + 0.06))
     exposed = 0.04 + 0.06
     assert s["channel_share_of_step"] == pytest.approx((0.1 - exposed + 0.02) / 2.0)
+
+
+def test_channel_latency_times_each_round_trip_kind_on_a_real_server():
+    from benchmarks.channel_latency import TrivialPipeline, measure
+    from mirror.runtime.channel import DraftServer
+
+    with DraftServer(TrivialPipeline) as srv:
+        res = measure(srv.address, n=5, warmup=1, gamma=3, kappa=2, gap_ms=2.0)
+    assert set(res) == {"signal->ack", "verdict->window", "step"}
+    for r in res.values():
+        assert r["n"] == 5 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"] < 2000
 
 
 def test_peer_modes_pick_some_and_refuse_unknown(bundled, tmp_path, capsys):

@@ -438,7 +438,7 @@ class DraftChannelClient:
         self.session_id: str | None = None
         self._step = 0
         self._held: deque = deque()  # replies read ahead while looking for pushed branches
-        self._pushed: tuple[int, dict] | None = None  # (step, {(A, t): DraftWindow}) from Branches
+        self._pushed: pb.Branches | None = None  # the last Branches (its step's pushed rollouts)
         self.taken = 0  # windows taken from pushed branches in this client's sessions
 
     @property
@@ -459,10 +459,6 @@ class DraftChannelClient:
         except grpc.RpcError as e:
             inbox.put(e)
 
-    def _keep(self, b: pb.Branches) -> None:
-        self._pushed = (b.step, {(x.accepted, x.token): DraftWindow(list(x.ids), None, x.source)
-                                 for x in b.branches})
-
     def _drain(self) -> None:
         """Take in what has arrived without waiting: pushed branches are kept, anything else is
         held for the next `_recv`."""
@@ -474,7 +470,7 @@ class DraftChannelClient:
             except queue.Empty:
                 return
             if isinstance(msg, pb.DraftMessage) and msg.WhichOneof("kind") == "branches":
-                self._keep(msg.branches)
+                self._pushed = msg.branches
             else:
                 self._held.append(msg)
 
@@ -493,7 +489,7 @@ class DraftChannelClient:
                     self._end(cancel=True)
                     raise ChannelError(f"the draft stalled: no {expect} within {self.reply_timeout:.3f} s") from None
             if isinstance(msg, pb.DraftMessage) and msg.WhichOneof("kind") == "branches":
-                self._keep(msg.branches)  # pushed rollouts: kept for the verdict they belong to
+                self._pushed = msg.branches  # pushed rollouts: kept for the verdict they belong to
                 continue
             break
         if isinstance(msg, StopIteration):
@@ -558,8 +554,12 @@ class DraftChannelClient:
         now). A hit among the branches pushed for this step is returned at once - the draft is
         told it was taken; otherwise this blocks until the draft's window arrives."""
         self._drain()
-        pushed, self._pushed = self._pushed, None
-        w = pushed[1].get((verdict.accepted, verdict.token)) if pushed and pushed[0] == verdict.step else None
+        pushed, self._pushed, w = self._pushed, None, None
+        if pushed is not None and pushed.step == verdict.step:  # (a scan: ~48 entries, no dict to build)
+            for b in pushed.branches:
+                if b.accepted == verdict.accepted and b.token == verdict.token:
+                    w = DraftWindow(list(b.ids), None, b.source)
+                    break
         self._send(pb.TargetMessage(verdict=pb.Verdict(step=verdict.step, accepted=verdict.accepted,
                                                        token=verdict.token, gamma=gamma, taken=w is not None)))
         if w is not None:
