@@ -9,6 +9,7 @@ RULES = ("auto", "stochastic", "match")
 ROLLOUT_STOPS = ("predict", "verdict")
 DRAFT_BACKENDS = ("torch", "onnx")
 DRAFT_QUANTS = ("none", "int8")
+EXIT_QUANTS = ("none", "int8")
 
 
 @dataclass(slots=True)
@@ -33,6 +34,10 @@ class SpecConfig:
     adapter: str | None = None  # trained self-draft / streaming artifact (safetensors)
     exit_head: str | None = None  # trained early-exit head artifact
     exit_trim: str | None = None  # VocabTrim set for the early-exit head (top-kappa among it)
+    # the trimmed early-exit head's weights on the onnx target: "int8" (8-bit blocks of 32,
+    # ONNX Runtime's MatMulNBits) reads a quarter of the bytes; the head only ranks candidates
+    # for the draft, so output stays exact either way
+    exit_quant: str = "none"
     vocab_trim: str | None = None  # VocabTrim token set (file) for the draft head
     streams: int = 0  # speculative streaming: lookahead streams gamma_s (0 = off)
     stream_layers: int = 1  # N_s: top draft layers with multi-stream attention
@@ -111,6 +116,10 @@ class SpecConfig:
         if self.draft_quant != "none" and "model" not in self.draft:
             raise ValueError(f"draft_quant applies to a 'model' draft (e.g. draft=model, draft_model=target), "
                              f"not to {self.draft!r}")
+        if self.exit_quant not in EXIT_QUANTS:
+            raise ValueError(f"unknown exit_quant {self.exit_quant!r}; choose one of {', '.join(EXIT_QUANTS)}")
+        if self.exit_quant != "none" and not self.exit_trim:
+            raise ValueError("exit_quant applies to a trimmed early-exit head (set exit_trim)")
         if self.draft_backend not in DRAFT_BACKENDS:
             raise ValueError(f"unknown draft backend {self.draft_backend!r}; choose one of {', '.join(DRAFT_BACKENDS)}")
         for name, lo in (("onnx_threads", 1), ("onnx_inter_threads", 1), ("onnx_max_len", 2)):

@@ -113,6 +113,7 @@ def test_another_model_drops_the_defaults_bundled_artifacts():
     assert other.model == "other.gguf"
     assert other.speculative.exit_head is None and other.speculative.ngram_datastore is None
     assert other.speculative.exit_trim is None and other.speculative.method == local.speculative.method
+    assert local.speculative.exit_quant == "int8" and other.speculative.exit_quant == "none"
 
 
 def test_bundled_artifacts_exist_and_load(bundled):

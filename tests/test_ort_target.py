@@ -91,7 +91,9 @@ def test_ort_target_bundled_greedy_speculation_is_its_own_plain_decoding(bundled
     assert ref.ids[:8] == eager.ids[:8], (ref.text, eager.text)  # same model, other kernels
     for spec in (SpecConfig(method="sd", draft="ngram", ngram_datastore="bundled"),
                  SpecConfig(method="mirror", draft="ngram", ngram_datastore="bundled", exit_head="bundled",
-                            exit_trim="bundled")):
+                            exit_trim="bundled"),
+                 SpecConfig(method="mirror", draft="ngram", ngram_datastore="bundled", exit_head="bundled",
+                            exit_trim="bundled", exit_quant="int8")):
         out = generate(ot, lm.tokenizer, prompt, p, spec)
         assert out.ids == ref.ids, (spec.method, out.text, ref.text)
         assert out.metrics.target_steps < len(ref.ids)  # it did speculate
@@ -172,6 +174,44 @@ def test_trimmed_exit_head_graph_matches_pytorch_and_is_reused(trained):
     for k in range(1, OrtTarget.EXIT_HEADS_KEPT + 2):
         ot.exit_head(keep, k, head)
     assert len(ot._exit_heads) == OrtTarget.EXIT_HEADS_KEPT
+
+
+@torch.inference_mode()
+def test_an_int8_exit_head_ranks_like_the_fp32_one_and_only_on_a_graph(caplog):
+    """exit_quant="int8": the trimmed head's rows as 8-bit blocks (MatMulNBits); its blocks
+    reconstruct the rows within half a step of their scale, its top-kappa are trim-set ids and
+    mostly the fp32 graph's; a target without graphs keeps the fp32 head and says so."""
+    import numpy as np
+
+    from mirror.decoding.target import EarlyExit
+    from mirror.models.ort_target import int8_blocks
+
+    model = tiny_model("tiny")
+    ot = OrtTarget(model)
+    g = torch.Generator().manual_seed(2)
+    keep = torch.randperm(model.cfg.vocab_size, generator=g)[:120].sort().values
+    w = model.lm_head.weight.detach().float()[keep].numpy()
+    codes, scales = int8_blocks(w)
+    K = w.shape[1]
+    back = ((codes.astype(np.float32) - 128) * scales[..., None]).reshape(len(keep), -1)[:, :K]
+    step = np.repeat(scales, codes.shape[-1], axis=1)[:, :K]
+    assert np.all(np.abs(back - w) <= 0.5 * step + 1e-7)
+    fp, q8 = EarlyExit(ot, 5, None, keep), EarlyExit(ot, 5, None, keep, quant="int8")
+    assert q8.graph is not fp.graph
+    h = torch.randn(16, model.cfg.dim, generator=g) * 2
+    (i_fp, _), (i_q, l_q) = fp(h), q8(h)
+    assert i_q.shape == (16, 5) and set(i_q.flatten().tolist()) <= set(keep.tolist())
+    assert bool((l_q <= 0).all())
+    shared = sum(len(set(a) & set(b)) for a, b in zip(i_fp.tolist(), i_q.tolist())) / i_fp.numel()
+    assert shared >= 0.8, shared
+    assert (i_q[:, 0] == i_fp[:, 0]).float().mean() >= 0.8
+    eager = EarlyExit(model, 5, None, keep, quant="int8")
+    assert eager.graph is None and "keeps the fp32 head" in caplog.text
+    assert torch.equal(eager(h)[0], EarlyExit(model, 5, None, keep)(h)[0])
+    with pytest.raises(ValueError, match="exit_trim"):
+        SpecConfig(method="mirror", exit_quant="int8")
+    with pytest.raises(ValueError, match="unknown exit_quant"):
+        SpecConfig(method="mirror", exit_trim="bundled", exit_quant="int4")
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2"])

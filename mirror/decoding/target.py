@@ -7,6 +7,8 @@ root is the last committed token. After a verdict (A, t) the target KV keeps roo
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .. import trace
@@ -18,6 +20,8 @@ from .ar import check_context, prefill
 from .messages import DraftWindow, EarlyExitSignal, Verdict
 from .result import Metrics
 
+log = logging.getLogger(__name__)
+
 
 class EarlyExit:
     """The early-exit head: hidden state at l_e -> top-kappa ids and log-probs per position.
@@ -26,12 +30,16 @@ class EarlyExit:
     (`ExitHead`) and optionally restricted to a VocabTrim set - the full head over 49K tokens is
     a fifth of a SmolLM2 step, so trimming it is what makes the early exit cheap."""
 
-    def __init__(self, model: Transformer, kappa: int, trained=None, keep_ids: torch.Tensor | None = None):
+    def __init__(self, model: Transformer, kappa: int, trained=None, keep_ids: torch.Tensor | None = None,
+                 quant: str = "none"):
         self.model, self.kappa, self.trained, self.keep = model, kappa, trained, keep_ids
         self.head = None
         # a graph-backed target runs a trimmed head as its own graph, on the target's threads
-        self.graph = model.exit_head(keep_ids, kappa, trained) \
+        self.graph = model.exit_head(keep_ids, kappa, trained, quant) \
             if keep_ids is not None and hasattr(model, "exit_head") else None
+        if quant != "none" and self.graph is None:  # a speed setting: the head works without it
+            log.warning("exit_quant %r applies to the onnx target backend (a trimmed head as an ONNX Runtime "
+                        "graph); this target runs its layers in PyTorch and keeps the fp32 head", quant)
         if keep_ids is not None and self.graph is None:
             if not hasattr(model, "lm_head"):
                 raise ValueError("a trimmed early-exit head needs an unsharded target (no tensor parallelism)")
@@ -66,7 +74,7 @@ class TargetPipeline:
             from .drafters.vocab_trim import VocabTrim
 
             keep = VocabTrim.load(resolve_artifact(spec.exit_trim, "vocab_trim")).keep_ids
-        self.exit = EarlyExit(model, spec.kappa, exit_head, keep)
+        self.exit = EarlyExit(model, spec.kappa, exit_head, keep, spec.exit_quant)
         self.rule = "greedy" if params.greedy else ("stochastic" if spec.rule == "auto" else spec.rule)
         self.metrics = Metrics()
         self.step = 0

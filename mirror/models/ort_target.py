@@ -205,10 +205,28 @@ def head_graph(model: Transformer):
                    [vi("logits", TensorProto.FLOAT, ["R", model.cfg.vocab_size])])
 
 
-def exit_graph(model: Transformer, keep_ids: torch.Tensor, kappa: int, down=None, up=None):
+INT8_BLOCK = 32  # MatMulNBits block along the input dimension
+
+
+def int8_blocks(w: np.ndarray, block: int = INT8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """w [N, K] -> (codes uint8 [N, ceil(K / block), block], scales float32 [N, ceil(K / block)]):
+    symmetric 8-bit blocks as MatMulNBits reads them, w ~ (code - 128) * scale (K zero-padded)."""
+    N, K = w.shape
+    kb = -(-K // block)
+    wb = np.pad(w.astype(np.float32), ((0, 0), (0, kb * block - K))).reshape(N, kb, block)
+    scale = np.abs(wb).max(-1) / 127.0
+    scale[scale == 0] = 1.0
+    codes = np.clip(np.rint(wb / scale[..., None]), -127, 127).astype(np.int16) + 128
+    return codes.astype(np.uint8), scale.astype(np.float32)
+
+
+def exit_graph(model: Transformer, keep_ids: torch.Tensor, kappa: int, down=None, up=None, quant: str = "none"):
     """ONNX model of a trimmed early-exit head: h [R, dim] -> ids [R, kappa] (target ids, int64)
     and logp [R, kappa]: the optional trained low-rank update h + (h down) up, the target's final
-    norm, the LM head's `keep_ids` rows, log-softmax over them, top-kappa (ties: lower index)."""
+    norm, the LM head's `keep_ids` rows, log-softmax over them, top-kappa (ties: lower index).
+    quant="int8": those rows as 8-bit blocks (`int8_blocks`) in a MatMulNBits node computing in
+    int8 (accuracy_level 4) - a quarter of the bytes to read, which is what the head costs: right
+    after the prefix layers its rows come from memory, not cache."""
     from onnx import TensorProto
 
     b = _Builder()
@@ -217,7 +235,17 @@ def exit_graph(model: Transformer, keep_ids: torch.Tensor, kappa: int, down=None
         h = b.op("Add", [h, b.op("MatMul", [b.op("MatMul", [h, b.const(down.detach().float().numpy(), "down")]),
                                            b.const(up.detach().float().numpy(), "up")])])
     w = model.lm_head.weight.detach().float()[keep_ids]
-    logits = b.op("MatMul", [b.rms_norm(h, model.norm), b.const(np.ascontiguousarray(w.t().numpy()), "w")])
+    x = b.rms_norm(h, model.norm)
+    if quant == "int8":
+        codes, scales = int8_blocks(w.numpy())
+        logits = b.name("matmulnbits")
+        b.nodes.append(b.h.make_node("MatMulNBits", [x, b.const(codes, "wq"), b.const(scales, "ws")], [logits],
+                                     domain="com.microsoft", K=w.shape[1], N=w.shape[0], bits=8,
+                                     block_size=INT8_BLOCK, accuracy_level=4))
+    elif quant == "none":
+        logits = b.op("MatMul", [x, b.const(np.ascontiguousarray(w.t().numpy()), "w")])
+    else:
+        raise ValueError(f"unknown exit head quantization {quant!r}")
     logp = b.op("LogSoftmax", [logits], axis=-1)
     k = min(kappa, len(keep_ids))
     vals, idx = b.op("TopK", [logp, b.const(np.array([k], dtype=np.int64))], n_out=2, axis=-1, largest=1, sorted=1)
@@ -340,13 +368,13 @@ class OrtTarget:
         if layer not in self.bounds:
             self._set_bounds(sorted({*self.bounds, layer}))
 
-    def exit_head(self, keep_ids: torch.Tensor, kappa: int, trained=None):
+    def exit_head(self, keep_ids: torch.Tensor, kappa: int, trained=None, quant: str = "none"):
         """A trimmed early-exit head as an ONNX Runtime session on the target's pool: a callable
         h [R, dim] -> (ids [R, kappa], logp [R, kappa]), the same results as `EarlyExit`'s
         PyTorch path up to float rounding (the head is a guess for the draft; exactness does not
-        depend on it). Built once per (kappa, trim set, trained head) and kept: ~2.2 ms of PyTorch
-        on one host thread per Mirror-SD step becomes 0.6-1.2 ms on the target's 2 or 1 threads
-        (`python -m benchmarks.exit_head_cost`)."""
+        depend on it). Built once per (kappa, trim set, trained head, quant) and kept: ~2.2 ms of
+        PyTorch on one host thread per Mirror-SD step becomes 0.6-1.2 ms on the target's 2 or 1
+        threads (`python -m benchmarks.exit_head_cost`); `quant="int8"`: see `exit_graph`."""
         import hashlib
 
         keep_ids = keep_ids.to(torch.int64)
@@ -355,10 +383,10 @@ class OrtTarget:
         for t in (down, up):
             if t is not None:
                 digest.update(t.detach().float().contiguous().numpy().tobytes())
-        key = (kappa, digest.hexdigest())
+        key = (kappa, digest.hexdigest(), quant)
         run = self._exit_heads.pop(key, None)
         if run is None:
-            sess = _session(exit_graph(self.model, keep_ids, kappa, down, up), self.threads)
+            sess = _session(exit_graph(self.model, keep_ids, kappa, down, up, quant), self.threads)
 
             def run(h: torch.Tensor):
                 ids, logp = sess.run(None, {"h": h.reshape(-1, h.shape[-1]).float().contiguous().numpy()})

@@ -150,8 +150,10 @@ class DeploymentConfig:
         """This deployment on another model; the default's 'bundled' artifacts are dropped."""
         import dataclasses
 
-        spec = dataclasses.replace(self.speculative, **{f: None for f in BUNDLED_ARTIFACT_FIELDS
-                                                        if getattr(self.speculative, f) == "bundled"})
+        drop = {f: None for f in BUNDLED_ARTIFACT_FIELDS if getattr(self.speculative, f) == "bundled"}
+        if "exit_trim" in drop:  # (quantizes the trimmed head: nothing left to quantize)
+            drop["exit_quant"] = "none"
+        spec = dataclasses.replace(self.speculative, **drop)
         return dataclasses.replace(self, model=model, speculative=spec)
 
     @classmethod
@@ -179,7 +181,8 @@ class DeploymentConfig:
                    target=TargetConfig(num_cpus=1, threads=1, cpu_affinity=[0]),
                    draft=DraftConfig(backend="onnx", num_cpus=1, threads=1, cpu_affinity=[1], deadline_ms=2000.0),
                    speculative=SpecConfig(method="mirror", draft="ngram", gamma=5, kappa=8, budget=48,
-                                          ngram_datastore="bundled", exit_head="bundled", exit_trim="bundled"))
+                                          ngram_datastore="bundled", exit_head="bundled", exit_trim="bundled",
+                                          exit_quant="int8"))
 
     @classmethod
     def load(cls, path: str) -> "DeploymentConfig":
