@@ -19,7 +19,9 @@ windows (a dict lookup on a hit, serial drafting on a miss). From these:
   taken rate       = share of verdicts whose window the target took from the branches the draft
                      pushed before the verdict (SpecConfig.push_branches): no round trip, and the
                      draft's verdict work on them is off the target's path, so with a high taken
-                     rate `channel time` under-estimates (it subtracts that work from the wait).
+                     rate `channel time` under-estimates (it subtracts that work from the wait);
+  cut per step     = window tokens the target's suffix left unverified (SpecConfig.verify_cut);
+                     cut wrong share: cuts where the target's token was the first unverified one.
 The token-channel round trip itself is measured by benchmarks/channel_latency.py.
 """
 from __future__ import annotations
@@ -89,8 +91,11 @@ def summarise(metrics: list[dict]) -> dict:
     """The overlap figures of distributed Mirror-SD requests (their `Metrics.to_dict()`)."""
     tot = {k: 0.0 for k in ("prefix_s", "suffix_s", "signal_s", "window_s", "first_window_s", "decode_s",
                             "expand_s", "overrun_s", "verdict_s", "prepare_s")}
-    steps = hits = misses = tokens = pre_branches = pre_hits = taken = 0
+    steps = hits = misses = tokens = pre_branches = pre_hits = taken = cut = cut_steps = cut_wrong = 0
     for m in metrics:
+        cut += m.get("cut_tokens", 0)
+        cut_steps += m.get("cut_steps", 0)
+        cut_wrong += m.get("cut_wrong", 0)
         taken += m["extra"].get("taken", 0)
         pre_branches += m["extra"].get("pre_branches", 0)
         pre_hits += m["extra"].get("pre_hits", 0)
@@ -116,6 +121,10 @@ def summarise(metrics: list[dict]) -> dict:
         # pre-signal rollouts (pre_budget): share of verdicts whose window came from one
         "pre_hit_rate": pre_hits / (hits + misses) if hits + misses else 0.0,
         "pre_branches_per_step": pre_branches / max(steps, 1),
+        # verify_cut: window tokens per step the suffix did not verify (early exit predicted a rejection)
+        "cut_per_step": cut / max(steps, 1),
+        "cut_step_share": cut_steps / max(steps, 1),
+        "cut_wrong_share": cut_wrong / max(cut_steps, 1),  # of cut steps: the target would have taken the cut token
         "per_step_ms": {k: 1e3 * v / max(steps, 1) for k, v in tot.items()},
         "hidden_fraction": (tot["prepare_s"] + tot["expand_s"] - tot["overrun_s"]) / draft_total if draft_total else 0.0,
         "channel_share_of_step": channel / tot["decode_s"] if tot["decode_s"] else 0.0,

@@ -71,6 +71,9 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="ngram+network drafts: the n-gram window only when the target is expected to accept "
                         "at least this many of its tokens (window-stop table), else the network's (0: always)")
     g.add_argument("--exit-trim", default=S, help="VocabTrim set for the early-exit head; 'bundled' as for --vocab-trim")
+    g.add_argument("--verify-cut", type=int, default=S,
+                   help="Mirror-SD: verify the window only up to the first draft token outside the early "
+                        "exit's top-N at its position (0: the whole window)")
     g.add_argument("--rollout-stop", default=S, choices=ROLLOUT_STOPS,
                    help="distributed Mirror-SD: end branch rollouts at the verdict, or also before a draft "
                         "step predicted to end after it (predict, the default)")
@@ -95,7 +98,7 @@ _SPEC_FLAGS = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "bra
                "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers",
                "rule", "draft_backend", "onnx_dir", "onnx_providers", "onnx_strict", "onnx_threads", "onnx_max_len",
                "ngram_datastore", "exit_trim", "rollout_stop", "pre_budget", "window_stop", "draft_quant",
-               "int8_calib", "combine_min")
+               "int8_calib", "combine_min", "verify_cut")
 
 
 def spec_from_args(args, base=None):

@@ -38,6 +38,12 @@ class SpecConfig:
     # ONNX Runtime's MatMulNBits) reads a quarter of the bytes; the head only ranks candidates
     # for the draft, so output stays exact either way
     exit_quant: str = "none"
+    # Mirror-SD, greedy or deterministic windows: the target's suffix verifies the window only up
+    # to the first draft token outside the early exit's top-`verify_cut` at its position (where the
+    # exit predicts the rejection), so fewer rows pay for layers [l_e, N) and the LM head. The
+    # target still decides every committed token; a wrong prediction only ends that window early
+    # (its next token is then the target's own). 0 = off (the whole window); at most kappa.
+    verify_cut: int = 0
     vocab_trim: str | None = None  # VocabTrim token set (file) for the draft head
     streams: int = 0  # speculative streaming: lookahead streams gamma_s (0 = off)
     stream_layers: int = 1  # N_s: top draft layers with multi-stream attention
@@ -120,6 +126,9 @@ class SpecConfig:
             raise ValueError(f"unknown exit_quant {self.exit_quant!r}; choose one of {', '.join(EXIT_QUANTS)}")
         if self.exit_quant != "none" and not self.exit_trim:
             raise ValueError("exit_quant applies to a trimmed early-exit head (set exit_trim)")
+        if isinstance(self.verify_cut, bool) or not isinstance(self.verify_cut, int) \
+                or not 0 <= self.verify_cut <= self.kappa:
+            raise ValueError(f"verify_cut must be an integer in [0, kappa={self.kappa}], got {self.verify_cut!r}")
         if self.draft_backend not in DRAFT_BACKENDS:
             raise ValueError(f"unknown draft backend {self.draft_backend!r}; choose one of {', '.join(DRAFT_BACKENDS)}")
         for name, lo in (("onnx_threads", 1), ("onnx_inter_threads", 1), ("onnx_max_len", 2)):

@@ -427,6 +427,9 @@ def test_messages_survive_the_wire():
     got = signal_from_proto(signal_to_proto(sig))
     assert got.step == 3 and got.top_ids.shape == (6, 8)
     assert torch.equal(got.top_ids, sig.top_ids) and torch.equal(got.top_logprobs, sig.top_logprobs)
+    assert got.rows == 0
+    sig.rows = 3  # a verify_cut suffix's rows
+    assert signal_from_proto(signal_to_proto(sig)).rows == 3
     probs = torch.rand(4, 50).softmax(-1)
     w = window_from_proto(window_to_proto(DraftWindow([1, 2, 3, 4], probs, "net"), step=2))
     assert w.ids == [1, 2, 3, 4] and w.source == "net" and torch.equal(w.probs, probs)

@@ -93,10 +93,13 @@ def test_ort_target_bundled_greedy_speculation_is_its_own_plain_decoding(bundled
                  SpecConfig(method="mirror", draft="ngram", ngram_datastore="bundled", exit_head="bundled",
                             exit_trim="bundled"),
                  SpecConfig(method="mirror", draft="ngram", ngram_datastore="bundled", exit_head="bundled",
-                            exit_trim="bundled", exit_quant="int8")):
+                            exit_trim="bundled", exit_quant="int8"),
+                 SpecConfig(method="mirror", draft="ngram", ngram_datastore="bundled", exit_head="bundled",
+                            exit_trim="bundled", exit_quant="int8", verify_cut=2)):
         out = generate(ot, lm.tokenizer, prompt, p, spec)
         assert out.ids == ref.ids, (spec.method, out.text, ref.text)
         assert out.metrics.target_steps < len(ref.ids)  # it did speculate
+        assert (out.metrics.cut_tokens > 0) == bool(spec.verify_cut)  # the cut suffix ran (and only then)
 
 
 def test_host_threads_sets_and_restores_torch_threads():

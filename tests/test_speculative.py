@@ -32,17 +32,18 @@ def draft_dir(tmp_path_factory):
        gamma=st.integers(1, 6), kappa=st.integers(1, 8), exit_layer=st.integers(1, 3),
        budget=st.integers(1, 16), confidence=st.sampled_from([0.0, 0.05, 0.3]),
        k=st.integers(1, 3), streams=st.integers(1, 3), pre_budget=st.sampled_from([0, 0, 3, 8]),
-       combine_min=st.sampled_from([0.0, 0.0, 0.8, 1.5]))
+       combine_min=st.sampled_from([0.0, 0.0, 0.8, 1.5]), verify_cut=st.sampled_from([0, 0, 1, 2, 8]))
 def test_greedy_speculative_equals_plain_decoding(draft_dir, seed, prompt, method, draft, gamma, kappa,
                                                   exit_layer, budget, confidence, k, streams, pre_budget,
-                                                  combine_min):
+                                                  combine_min, verify_cut):
     target = TARGETS[seed]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     ref = generate(target, TOK, prompt, params)
     spec = SpecConfig(method=method, draft=draft, gamma=gamma, kappa=kappa, exit_layer=exit_layer,
                       budget=budget, confidence=confidence, draft_layers=k, streams=streams,
                       draft_model=draft_dir if "model" in draft else None, pre_budget=pre_budget,
-                      combine_min=min(combine_min, gamma) if draft.startswith("ngram+") else 0.0)
+                      combine_min=min(combine_min, gamma) if draft.startswith("ngram+") else 0.0,
+                      verify_cut=min(verify_cut, kappa))
     res = generate(target, TOK, prompt, params, spec)
     assert res.ids == ref.ids
     assert res.metrics.committed + 1 >= len(res.ids)  # prefill gives 1, every other token a verified step
@@ -252,6 +253,80 @@ def test_rollback_keeps_both_caches_equal_to_a_fresh_prefill():
         torch.testing.assert_close(drafter.cache.k[:, 0, :, :kv], dfresh.k[:, 0, :, :kv], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cut", [1, 3])
+def test_verify_cut_ends_the_suffix_where_the_exit_predicts_a_rejection(cut):
+    """verify_cut=c: the suffix runs rows 0..j-1 for the first draft token d_j outside the exit's
+    top-c at position j-1. The exit is scripted here (a random tiny model's exit ranks nothing
+    well) to put each window's cut at every position in turn; against the full verification of
+    the same window: the same verdict when the target rejects before the cut, else the window
+    ends at the cut with the target's own token; the KV cache then holds what a fresh prefill of
+    the committed tokens gives."""
+    target = TARGETS[0]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    spec = SpecConfig(method="mirror", draft="ngram", gamma=6, kappa=4, exit_layer=2, verify_cut=cut)
+    full = SpecConfig(method="mirror", draft="ngram", gamma=6, kappa=4, exit_layer=2)
+    prompt = [9, 8, 7, 6, 5, 4]
+    ref = generate(target, TOK, prompt, SamplingParams(max_new_tokens=12, ignore_eos=True)).ids
+    # windows: the target's own continuation, and one it rejects at d_3
+    windows = [ref[1:7], ref[1:3] + [(ref[3] + 1) % 256] + ref[4:7]]
+    outcomes = set()
+    for ids in windows:
+        for k in range(len(ids) + 1):  # the exit ranks d_{k+1} outside its top-c (k = G: nowhere)
+            def scripted(h, ids=ids, k=k):
+                rows = [[(d + 1 + r) % 256 for r in range(4)] for d in ids + [0]]
+                for i, d in enumerate(ids):
+                    if i != k:
+                        rows[i][cut - 1] = d  # inside the top-c
+                return torch.tensor(rows), torch.full((len(rows), 4), -1.0)
+            tp, tf = TargetPipeline(target, params, spec), TargetPipeline(target, params, full)
+            tp.exit = scripted
+            root = tp.start(prompt)
+            assert tf.start(prompt) == root == ref[0]
+            w = DraftWindow(list(ids), None, "test")
+            tp.prefix(root, w)
+            tf.prefix(root, w)
+            j = k + 1  # rows run
+            assert tp.verified_rows() == j and tf.verified_rows() == len(ids) + 1
+            v, vf = tp.suffix(), tf.suffix()
+            mt = tp.metrics
+            assert mt.cut_tokens == len(ids) + 1 - j and mt.drafted_tokens == len(ids)
+            assert mt.cut_steps == (j <= len(ids)) and mt.cut_wrong == (j <= len(ids) and vf.accepted >= j)
+            if vf.accepted < j - 1:  # rejected before the cut: nothing changes
+                assert (v.accepted, v.token) == (vf.accepted, vf.token)
+                outcomes.add("before")
+            else:  # the window ends at the cut: d_1..d_{j-1} accepted, then the target's own token
+                assert v.accepted == j - 1
+                assert v.token == (ids[j - 1] if vf.accepted >= j else vf.token)
+                outcomes.add("wrong cut" if vf.accepted >= j else "at the cut")
+            committed = prompt + [root] + ids[:v.accepted]
+            assert committed + [v.token] == (prompt + ref)[:len(committed) + 1]  # exactly the target's output
+            n = tp.cache.lengths[0]
+            assert n == len(committed)
+            fresh = target.new_cache(1, 128)
+            target(torch.tensor([committed]), torch.arange(n)[None], fresh)
+            torch.testing.assert_close(tp.cache.k[:, 0, :, :n], fresh.k[:, 0, :, :n], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(tp.cache.v[:, 0, :, :n], fresh.v[:, 0, :, :n], rtol=1e-4, atol=1e-5)
+    assert outcomes == {"before", "at the cut", "wrong cut"}
+
+
+def test_hypotheses_stop_at_the_rows_the_target_verifies():
+    """rank_hypotheses: without a cut, (j, v) for j = 0..G and v != d_{j+1}, most likely first;
+    with signal.rows = r (verify_cut), only j < r, and at j = r - 1 the draft's own d_r too (the
+    target's token where the window was cut may be the draft's)."""
+    from mirror.decoding.drafters.base import rank_hypotheses
+
+    w = DraftWindow([10, 11, 12, 13])
+    ids = torch.tensor([[10, 20, 21], [11, 22, 23], [24, 12, 25], [13, 26, 27], [28, 29, 30]])
+    logp = torch.tensor([[0.7, 0.2, 0.1]] * 5).log()
+    full = rank_hypotheses(EarlyExitSignal(0, ids, logp), w, 100)
+    assert {(h.j, h.token) for h in full} == {(j, int(v)) for j in range(5) for v in ids[j]
+                                               if j == 4 or int(v) != w.ids[j]}
+    assert [h.score for h in full] == sorted((h.score for h in full), reverse=True)
+    assert (full[0].j, full[0].token) == (2, 24)  # 0.7 * 0.7 * 0.7: d_1, d_2 survive, then the exit's top
+    cut = rank_hypotheses(EarlyExitSignal(0, ids, logp, rows=3), w, 100)
+    assert {(h.j, h.token) for h in cut} == {(0, 20), (0, 21), (1, 22), (1, 23), (2, 24), (2, 12), (2, 25)}
+
+
 def test_sampling_speculative_is_seeded_and_valid():
     target = TARGETS[1]
     params = SamplingParams(max_new_tokens=20, temperature=0.9, top_k=40, seed=5, ignore_eos=True)
@@ -275,6 +350,9 @@ def test_spec_config_validates():
             SpecConfig(**bad)
     with pytest.raises(ValueError, match="combined draft"):
         SpecConfig(draft="model", draft_model="target", combine_min=1.0)
+    for bad in (dict(verify_cut=-1), dict(kappa=4, verify_cut=5), dict(verify_cut=True), dict(verify_cut=1.5)):
+        with pytest.raises(ValueError, match="verify_cut must be"):
+            SpecConfig(**bad)
 
 
 def test_a_trimmed_draft_feeds_back_the_tokens_it_proposed():

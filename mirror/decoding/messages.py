@@ -37,6 +37,10 @@ class EarlyExitSignal:
     step: int
     top_ids: torch.Tensor  # [G+1, kappa] long
     top_logprobs: torch.Tensor  # [G+1, kappa] float
+    # window rows the target's suffix verifies (SpecConfig.verify_cut: it ends the window at the
+    # first draft token the exit ranks outside its top-c): verdicts then have A < rows, and at
+    # A = rows - 1 < G the target's token may be d_rows itself; 0 = all G+1 rows
+    rows: int = 0
 
 
 @dataclass(slots=True)

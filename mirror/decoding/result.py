@@ -13,6 +13,11 @@ class Metrics:
     target_steps: int = 0  # target forward passes after prefill
     drafted_tokens: int = 0  # draft tokens proposed to the target for verification
     accepted_tokens: int = 0  # of those, accepted
+    # Mirror-SD verify_cut: steps whose suffix ran fewer rows than the window, the draft tokens it
+    # left unverified, and the cuts that were wrong (the target's token there was the draft's)
+    cut_steps: int = 0
+    cut_tokens: int = 0
+    cut_wrong: int = 0
     draft_tokens_computed: int = 0  # every token the draft produced, used or not
     draft_tokens_used: int = 0  # tokens of windows that reached verification
     hits: int = 0  # Mirror-SD: verdict found among the precomputed branches

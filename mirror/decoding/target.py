@@ -121,23 +121,48 @@ class TargetPipeline:
         self._h = m.forward_layers(m.embed(self._tokens), self._pos, self.cache, 0, self.le, kv_len=self._kv_len)
         ids, logp = self.exit(self._h[0])  # [G+1, kappa] each
         self._exit_top = ids
-        return EarlyExitSignal(self.step, ids, logp)
+        self._rows = self.verified_rows()
+        cut = self._rows if self._rows <= len(window.ids) else 0
+        return EarlyExitSignal(self.step, ids, logp, cut)
 
     @trace.traced("target.suffix", "target", args=lambda self, *a, **k: {"step": self.step})
     @torch.inference_mode()
     def suffix(self) -> Verdict:
-        """Layers [l_e, N), acceptance, commit, rollback."""
+        """Layers [l_e, N), acceptance, commit, rollback - over the window's first `rows` positions
+        when `verify_cut` ends it where the early exit predicts the rejection."""
         m = self.model
-        h = m.forward_layers(self._h, self._pos, self.cache, self.le, m.cfg.n_layers, kv_len=self._kv_len)
+        h, pos, kv_len = self._h, self._pos, self._kv_len
+        rows = self._rows
+        if rows < h.shape[1]:
+            # prefix KV past `rows` is dead: the verdict keeps at most rows positions (n += A + 1)
+            h, pos, kv_len = h[:, :rows], pos[:, :rows], self.n + rows
+        h = m.forward_layers(h, pos, self.cache, self.le, m.cfg.n_layers, kv_len=kv_len)
         self._h = None
         return self._conclude(m.head(h)[0], exit_top=self._exit_top)
+
+    def verified_rows(self) -> int:
+        """How many window rows the suffix runs: all G+1, or with `verify_cut` = c the rows up to
+        the first draft token d_j outside the early exit's top-c at its position j-1 (rows
+        0..j-1: d_1..d_{j-1} verified, row j-1 gives the target's own token there). Exact: the
+        target still picks every committed token; a cut that was wrong (the target would have
+        taken d_j) only ends the window early, its last token then being the target's choice.
+        Greedy, or windows without draft distributions (deterministic drafts), only: a cut that
+        depends on sampled draft tokens would bias the stochastic acceptance rule."""
+        w, c = self._pending, self.spec.verify_cut
+        if not c or (self.rule != "greedy" and w.probs is not None):
+            return len(w.ids) + 1
+        top = self._exit_top[:len(w.ids), :c].tolist()
+        for j, (d, cands) in enumerate(zip(w.ids, top)):
+            if d not in cands:
+                return j + 1
+        return len(w.ids) + 1
 
     # --- shared --------------------------------------------------------------------------------
     def _conclude(self, logits: torch.Tensor, exit_top: torch.Tensor | None) -> Verdict:
         """logits [G+1, V] -> verdict; commits root + accepted tokens to the target KV."""
         w = self._pending
-        G = len(w.ids)
-        d = torch.tensor([w.ids], dtype=torch.long, device=logits.device)  # [1, G]
+        G = logits.shape[0] - 1  # the window's tokens verified (fewer than drafted after a verify_cut)
+        d = torch.tensor([w.ids[:G]], dtype=torch.long, device=logits.device)  # [1, G]
         if self.rule == "greedy":
             A, t = greedy_accept(d, logits[None])
         else:
@@ -145,7 +170,7 @@ class TargetPipeline:
             if self.rule == "match":
                 A, t = match_accept(d, q, torch.rand(1, G + 1, generator=self.gen, device=q.device))
             else:
-                p = w.probs if w.probs is not None else \
+                p = w.probs[:G] if w.probs is not None else \
                     torch.nn.functional.one_hot(d[0], q.shape[-1]).float()
                 A, t = stochastic_accept(d, p[None].to(q.dtype), q,
                                          torch.rand(1, G, generator=self.gen, device=q.device),
@@ -153,7 +178,11 @@ class TargetPipeline:
         A, t = int(A[0]), int(t[0])  # the one host sync per step
         mt = self.metrics
         mt.target_steps += 1
-        mt.drafted_tokens += G
+        mt.drafted_tokens += len(w.ids)
+        if G < len(w.ids):
+            mt.cut_steps += 1
+            mt.cut_tokens += len(w.ids) - G
+            mt.cut_wrong += A == G and t == w.ids[G]
         mt.accepted_tokens += A
         if exit_top is not None:
             probs_A = torch.softmax(logits[A].float(), -1)

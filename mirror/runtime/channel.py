@@ -104,13 +104,13 @@ def sampling_from_proto(msg: pb.DraftSampling) -> SamplingParams:
 def signal_to_proto(signal: EarlyExitSignal) -> pb.EarlyExitSignal:
     kappa = signal.top_ids.shape[-1]
     return pb.EarlyExitSignal(step=signal.step, kappa=kappa, top_ids=signal.top_ids.reshape(-1).tolist(),
-                              top_logprobs=signal.top_logprobs.reshape(-1).tolist())
+                              top_logprobs=signal.top_logprobs.reshape(-1).tolist(), rows=signal.rows)
 
 
 def signal_from_proto(msg: pb.EarlyExitSignal) -> EarlyExitSignal:
     ids = torch.tensor(msg.top_ids, dtype=torch.long).view(-1, msg.kappa)  # [G+1, kappa]
     logp = torch.tensor(msg.top_logprobs, dtype=torch.float32).view(-1, msg.kappa)  # [G+1, kappa]
-    return EarlyExitSignal(msg.step, ids, logp)
+    return EarlyExitSignal(msg.step, ids, logp, msg.rows)
 
 
 def window_to_proto(window: DraftWindow, step: int) -> pb.DraftWindow:

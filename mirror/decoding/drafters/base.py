@@ -52,14 +52,17 @@ def rank_hypotheses(signal: EarlyExitSignal, window: DraftWindow, budget: int,
 
     P(accept d_1..d_j, then v) ~ prod_{i<=j} p~_{i-1}(d_i) * p~_j(v), all read off the target's
     early exit; a d_i outside position i-1's top-kappa gets `floor`. v = d_{j+1} is skipped: it
-    would have been accepted, not emitted as a correction; so are the (j, v) in `skip`."""
+    would have been accepted, not emitted as a correction; so are the (j, v) in `skip`. When the
+    target verifies only `signal.rows` rows (verify_cut), j stops at rows - 1, where v = d_rows is
+    a possible verdict too (the window ended there, the target's own token is the draft's)."""
     ids = signal.top_ids.tolist()  # one host transfer per step
     probs = signal.top_logprobs.exp().tolist()
     G = len(window.ids)
+    rows = signal.rows or G + 1
     heap: list[tuple[float, int, int]] = []
     survive = 1.0
-    for j in range(G + 1):
-        nxt = window.ids[j] if j < G else None
+    for j in range(min(rows, G + 1)):
+        nxt = window.ids[j] if j < rows - 1 else None
         seen = set()
         for v, p in zip(ids[j], probs[j]):
             if v != nxt and v not in seen and (j, v) not in skip:

@@ -105,16 +105,18 @@ class First(_message.Message):
     def __init__(self, token: _Optional[int] = ..., gamma: _Optional[int] = ...) -> None: ...
 
 class EarlyExitSignal(_message.Message):
-    __slots__ = ("step", "kappa", "top_ids", "top_logprobs")
+    __slots__ = ("step", "kappa", "top_ids", "top_logprobs", "rows")
     STEP_FIELD_NUMBER: _ClassVar[int]
     KAPPA_FIELD_NUMBER: _ClassVar[int]
     TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     step: int
     kappa: int
     top_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, step: _Optional[int] = ..., kappa: _Optional[int] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    rows: int
+    def __init__(self, step: _Optional[int] = ..., kappa: _Optional[int] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("step", "accepted", "token", "gamma", "taken")
