@@ -75,6 +75,20 @@ def test_pushed_branches_are_taken_and_decode_the_same(bundled, draft_server):
     assert 0 < m.extra["taken"] <= m.hits and "taken" not in plain.metrics.extra
 
 
+def test_a_cut_suffix_through_the_channel_decodes_the_same(bundled, draft_server):
+    """verify_cut over the channel: the signal carries the rows the target will verify, the
+    draft ranks only hypotheses within them (and the cut token itself); output stays plain
+    decoding's, cuts happen, and some were wrong (the target then commits the cut token)."""
+    spec = SpecConfig(method="mirror", draft="ngram", gamma=4, kappa=4, budget=16, verify_cut=1)
+    ids = bundled.tokenizer.encode_chat([{"role": "user", "content": PROMPTS[2]}])
+    ref = generate(bundled.model, bundled.tokenizer, ids, PARAMS, SpecConfig(method="ar"))
+    res = _remote(bundled, draft_server, ids, PARAMS, spec)
+    assert res.ids == ref.ids
+    m = res.metrics
+    assert m.cut_steps > 0 and m.cut_tokens >= m.cut_steps and m.cut_wrong > 0
+    assert m.hits + m.misses == m.target_steps - 1 and m.hits > 0
+
+
 def test_pre_signal_rollouts_through_the_channel_are_lossless_and_counted(bundled, draft_server):
     """pre_budget over the channel: the draft expands its own hypotheses once a window is out
     (under the target's prefix), the signal's after them; output stays plain decoding's."""
