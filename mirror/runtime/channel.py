@@ -416,11 +416,6 @@ class DraftServer:
 
 
 # --- target side -------------------------------------------------------------------------------
-def _is_branches(msg) -> bool:
-    """An inbox item that is pushed rollouts (the inbox also holds stream ends and errors)."""
-    return isinstance(msg, pb.DraftMessage) and msg.WhichOneof("kind") == "branches"
-
-
 class DraftChannelClient:
     """The target's end of one session at a time (open -> signals/verdicts -> close)."""
 
@@ -471,10 +466,16 @@ class DraftChannelClient:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if _is_branches(msg):
-                self._pushed = msg.branches
-            else:
+            if not self._keep_pushed(msg):
                 self._held.append(msg)
+
+    def _keep_pushed(self, msg) -> bool:
+        """Pushed rollouts are kept for the verdict they belong to (True); other inbox items -
+        windows, acks, stats, stream ends, errors - are not."""
+        if isinstance(msg, pb.DraftMessage) and msg.WhichOneof("kind") == "branches":
+            self._pushed = msg.branches
+            return True
+        return False
 
     def _recv(self, expect: str):
         if self._inbox is None:
@@ -490,10 +491,8 @@ class DraftChannelClient:
                 except queue.Empty:
                     self._end(cancel=True)
                     raise ChannelError(f"the draft stalled: no {expect} within {self.reply_timeout:.3f} s") from None
-            if _is_branches(msg):
-                self._pushed = msg.branches  # pushed rollouts: kept for the verdict they belong to
-                continue
-            break
+            if not self._keep_pushed(msg):
+                break
         if isinstance(msg, StopIteration):
             self._end()
             raise ChannelError(f"the draft ended the session while the target waited for {expect}")
