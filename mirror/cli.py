@@ -54,8 +54,9 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-layers", type=int, default=S, help="self-draft depth k")
     g.add_argument("--draft-model", default=S,
                    help="separate draft model (GGUF or HF folder); 'target': a copy of the target (with --draft-quant)")
-    g.add_argument("--draft-quant", default=S, choices=["none", "int8"],
-                   help="a 'model' draft's linear layers as int8 (e.g. --draft model --draft-model target --draft-quant int8)")
+    g.add_argument("--draft-quant", default=S, choices=["none", "int8", "gguf"],
+                   help="a 'model' draft's linear layers as int8 (e.g. --draft model --draft-model target --draft-quant int8), "
+                        "or 'gguf': the GGUF file's own 4-bit blocks under ONNX Runtime (--draft-backend onnx)")
     g.add_argument("--int8-calib", default=S,
                    help="SmoothQuant statistics for an int8 draft (mirror calibrate-int8); 'bundled': the default model's")
     g.add_argument("--adapter", default=S, help="trained draft artifact (mirror train-draft)")
@@ -595,6 +596,9 @@ def cmd_distill_draft(args) -> int:
     return 0
 
 
+QUANT_NOTE = {"int8": ", int8 weights", "gguf": ", the GGUF file's own 4-/8-bit blocks (MatMulNBits)"}
+
+
 def cmd_export_draft(args) -> int:
     from .spec_config import SpecConfig
 
@@ -624,7 +628,7 @@ def cmd_export_draft(args) -> int:
     print(f"exported {args.draft} draft ({meta['draft']['cache_layers']} layers, vocab {sh['vocab']}) to "
           f"{args.out} in {time.perf_counter() - t0:.1f} s")
     print(f"  rows {sh['rows']}, step widths {sh['step_widths']}, max_len {sh['max_len']}, branch slots "
-          f"{sh['branch_slots']}, {meta['dtype']}{', int8 weights' if meta.get('quant') else ''}, opset {meta['opset']}")
+          f"{sh['branch_slots']}, {meta['dtype']}{QUANT_NOTE.get((meta.get('quant') or {}).get('mode'), '')}, opset {meta['opset']}")
     for g in meta["graphs"].values():
         print(f"  {g['file']}")
     w = meta["weights"]
@@ -892,8 +896,9 @@ def main(argv=None) -> int:
     e.add_argument("--vocab-trim", default=None, help="VocabTrim token set (JSON): trimmed head")
     e.add_argument("--streams", type=int, default=0, help="speculative-streaming streams (default 2)")
     e.add_argument("--stream-layers", type=int, default=1)
-    e.add_argument("--draft-quant", default="none", choices=["none", "int8"],
-                   help="int8: export the model draft as dynamic-int8 graphs (e.g. --draft model --draft-model target)")
+    e.add_argument("--draft-quant", default="none", choices=["none", "int8", "gguf"],
+                   help="int8: export the model draft as dynamic-int8 graphs (e.g. --draft model --draft-model target); "
+                        "gguf: as MatMulNBits graphs over the GGUF file's own 4-bit blocks")
     e.add_argument("--int8-calib", default=None,
                    help="SmoothQuant statistics for an int8 draft (mirror calibrate-int8); 'bundled': the default model's")
     e.add_argument("--rows", type=int, default=8, help="hypothesis rows R of the branch graph")

@@ -8,7 +8,7 @@ DRAFTS = ("self", "model", "ngram", "streaming", "ngram+self", "ngram+streaming"
 RULES = ("auto", "stochastic", "match")
 ROLLOUT_STOPS = ("predict", "verdict")
 DRAFT_BACKENDS = ("torch", "onnx")
-DRAFT_QUANTS = ("none", "int8")
+DRAFT_QUANTS = ("none", "int8", "gguf")
 EXIT_QUANTS = ("none", "int8")
 
 
@@ -26,7 +26,9 @@ class SpecConfig:
     draft_model: str | None = None  # separate draft: GGUF / HF path sharing the target's tokenizer;
     # "target": a copy of the target itself (with draft_quant, an int8 copy)
     # A 'model' draft's linear layers as int8 (models/quant.py; with draft_backend="onnx", ONNX
-    # Runtime MatMulInteger graphs - onnx/export.py): "none" or "int8". int8_calib: the
+    # Runtime MatMulInteger graphs - onnx/export.py): "none" or "int8"; or "gguf": the GGUF
+    # file's own 4-/8-bit blocks (the draft model's, or the target's for draft_model=target) in
+    # ONNX Runtime MatMulNBits graphs - onnx/blocks.py; draft_backend="onnx" only. int8_calib: the
     # SmoothQuant activation statistics (`mirror calibrate-int8`; "bundled" for the bundled model;
     # None: plain int8, much less accurate)
     draft_quant: str = "none"

@@ -493,3 +493,141 @@ def test_export_draft_cli_refuses_int8_for_a_draft_without_its_own_model(capsys,
         cli_main(["export-draft", "--draft", "self", "--draft-quant", "int8", "--out", str(tmp_path / "x")])
     assert e.value.code not in (0, None)
     assert "draft_quant applies to a 'model' draft" in capsys.readouterr().err
+
+
+# --- the GGUF file's own blocks (draft_quant=gguf) -------------------------------------------
+def _gguf_target(tmp_path, qtype: str):
+    """A tiny llama target written as a quantized GGUF file and loaded back from it."""
+    from helpers import tiny_model, write_gguf
+    from mirror.models import load_model
+
+    path = str(tmp_path / f"tiny-{qtype}.gguf")
+    write_gguf(tiny_model("tiny", seed=5), path, qtype=qtype)
+    return path, load_model(path, tokenizer=False).model
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_replace_the_files_weights_and_keep_the_rest(qtype, tmp_path):
+    """convert_graph finds a weight in the file by value - here the fused, un-permuted q|k|v of
+    layer 0, which the file holds as three permuted tensors - and runs it as MatMulNBits on the
+    file's codes (Q4_1 with its offset term); a weight that is not the file's stays a MatMul.
+    In fp32 arithmetic (accuracy level 0) the result is the fp32 product; with int8 activations
+    (level 4, and always for 8-bit blocks) close to it."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mirror.models.ort_target import join_global_pool
+    from mirror.onnx.blocks import BlockTable, convert_graph
+
+    path, target = _gguf_target(tmp_path, qtype)
+    table = BlockTable(path)
+    w_file = target.layers[0].wqkv.weight.detach().numpy()  # [N, K], rows from attn_q/k/v
+    w_other = np.random.default_rng(0).standard_normal((96, 64)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((2, 3, 64)).astype(np.float32)
+    for level, tol in ((0, 0.05 if qtype == "Q8_0" else 1e-5), (4, 0.05)):
+        g = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w_file"], ["y_file"], name="file"),
+             helper.make_node("MatMul", ["x", "w_other"], ["y_other"], name="other")], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 64])],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y_file", "y_other")],
+            [numpy_helper.from_array(w_file.T.copy(), "w_file"), numpy_helper.from_array(w_other.T.copy(), "w_other")])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        assert convert_graph(model, table, accuracy_level=level) == {"converted": 1, "kept_fp32": 1}
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count("MatMulNBits") == 1 and "w_file" not in {i.name for i in model.graph.initializer}
+        assert ops.count("Add") == (1 if qtype == "Q4_1" else 0)  # Q4_1's offsets
+        (nb,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        attrs = {a.name: helper.get_attribute_value(a) for a in nb.attribute}
+        assert attrs["bits"] == (8 if qtype == "Q8_0" else 4)
+        assert attrs["accuracy_level"] == (4 if qtype == "Q8_0" else level)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        join_global_pool(so)  # an onnx target made earlier in this process owns the thread pool
+        y_file, y_other = ort.InferenceSession(model.SerializeToString(), so).run(None, {"x": x})
+        ref = x @ w_file.T
+        assert np.abs(y_file - ref).max() <= tol * np.abs(ref).max()
+        np.testing.assert_allclose(y_other, x @ w_other.T, rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_draft_is_exported_on_first_use_and_lossless(tmp_path, monkeypatch):
+    """draft_quant=gguf with the ONNX backend: the target's copy is exported with every linear
+    layer and the tied head as MatMulNBits over the file's own Q4_1 blocks; the draft's logits
+    are the target's up to int8 activations, and decoding stays lossless (sd and mirror)."""
+    from helpers import byte_tokenizer
+
+    from mirror.decoding.factory import build_draft_net
+
+    monkeypatch.setenv("MIRROR_ONNX_CACHE", str(tmp_path / "cache"))
+    path, target = _gguf_target(tmp_path, "Q4_1")
+    tok = byte_tokenizer()
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    for method in ("sd", "mirror"):
+        spec = SpecConfig(method=method, draft="model", draft_model="target", draft_quant="gguf",
+                          draft_backend="onnx", onnx_max_len=128, gamma=3, kappa=4, budget=4, branch_batch=4)
+        for prompt in ([5, 6, 7, 8], list(b"hello world")):
+            res = generate(target, tok, prompt, params, spec)
+            assert res.ids == generate(target, tok, prompt, params).ids
+            assert res.metrics.draft_tokens_computed > 0
+    (folder,) = (tmp_path / "cache").iterdir()
+    meta = read_metadata(str(folder))
+    assert meta["quant"]["mode"] == "gguf" and meta["quant"]["file"]["path"] == path
+    n_linear = 4 * len(target.layers) + 1  # wqkv, wo, w13, w2 per layer + head
+    for name, g in meta["graphs"].items():
+        assert meta["quant"]["converted"][name] == {"converted": n_linear, "kept_fp32": 0}
+        m = onnx.load(str(folder / g["file"]), load_external_data=False)
+        ops = [n.op_type for n in m.graph.node]
+        assert ops.count("MatMulNBits") == n_linear
+    # the same export computing in fp32 (accuracy level 0): the draft is then the fp32 target
+    # itself up to summation order - every weight was found and decoded right
+    import mirror.onnx.export as export
+
+    monkeypatch.setattr(export, "GGUF_ACCURACY_LEVEL", 0)
+    monkeypatch.setenv("MIRROR_ONNX_CACHE", str(tmp_path / "cache0"))
+    nets = {"fp32 act": build_draft_net(target, spec, "model"), "int8 act": OrtDraftNet(str(folder), target_cfg=target.cfg)}
+    assert read_metadata(nets["fp32 act"].dir)["quant"]["accuracy_level"] == 0
+    fp32 = DraftNet.from_model(target)
+    toks = torch.randint(1, 256, (1, 24), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ref = fp32(toks, torch.arange(24)[None], fp32.new_cache(1, 128), kv_len=24)[0]
+        out = {k: n(toks, torch.arange(24)[None], n.new_cache(1, 128), kv_len=24)[0] for k, n in nets.items()}
+    assert _maxdiff(out["fp32 act"], ref) <= 1e-4 * float(ref.abs().max())
+    assert _maxdiff(out["int8 act"], ref) > 1e3 * _maxdiff(out["fp32 act"], ref)  # level 4 did quantize
+
+
+def test_gguf_draft_needs_the_onnx_backend_and_a_gguf_file(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from helpers import tiny_model
+
+    from mirror.decoding.factory import build_draft_net
+
+    _, target = _gguf_target(tmp_path, "Q4_1")
+    spec = SpecConfig(method="sd", draft="model", draft_model="target", draft_quant="gguf")
+    with pytest.raises(ValueError, match="set draft_backend=onnx"):
+        build_draft_net(target, spec, "model")
+    monkeypatch.setenv("MIRROR_ONNX_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="not loaded from a GGUF file"):
+        build_draft_net(tiny_model("tiny"), replace(spec, draft_backend="onnx", onnx_max_len=64), "model")
+
+
+def test_every_linear_of_the_bundled_model_is_found_in_its_gguf_blocks(bundled):
+    """The real file: its 210 Q4_1 tensors and the Q8_0 embedding decode to exactly the weights
+    the loader gives the model (BlockTable checks each), and every linear layer of the loaded
+    model - q|k|v fused with llama.cpp's q/k permutation undone, gate|up fused - and the tied
+    head are found block for block; a perturbed weight is not."""
+    from mirror.onnx.blocks import BlockTable
+
+    model = bundled.model
+    table = BlockTable(model.source_file)
+    assert {t.kind for t in table.tensors} == {"Q4_1", "Q8_0"} and len(table.tensors) == 7 * model.cfg.n_layers + 1
+    for blk in model.layers:
+        for lin in (blk.wqkv, blk.wo, blk.w13, blk.w2):
+            w = lin.weight.detach().numpy()
+            hit = table.lookup(w)
+            assert hit is not None and hit.kind == "Q4_1" and hit.codes.shape == (w.shape[0], w.shape[1] // 32, 32)
+            np.testing.assert_allclose(hit.dequantized(), w, rtol=1e-6, atol=1e-7)
+    head = model.lm_head.weight.detach().numpy()
+    assert table.lookup(head).kind == "Q8_0"
+    w = model.layers[0].w2.weight.detach().numpy().copy()
+    w[3, 5] = np.nextafter(w[3, 5], np.float32(np.inf))
+    assert table.lookup(w) is None

@@ -30,6 +30,9 @@ def load_draft_model(path: str, target: Transformer, quant: str = "none", int8_c
     """A separate draft model: a GGUF / Hugging Face path, or "target" (the target's own weights);
     with quant="int8" an int8 copy, SmoothQuant-smoothed with the `int8_calib` statistics."""
     key = (path if path != "target" else ("target", id(target)), quant, int8_calib)
+    if quant == "gguf":
+        raise ValueError("draft_quant=gguf runs the GGUF file's own 4-bit blocks under ONNX Runtime "
+                         "(MatMulNBits): set draft_backend=onnx")
     if key not in _DRAFT_MODELS:
         if quant != "none":
             from ..models.quant import quantized_copy

@@ -333,6 +333,7 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32,
         raise ModelLoadError(f"model file not found: {path}")
     cfg, sd, reader = load_gguf_state(path)
     model = build_model(cfg, sd, dtype=dtype, device=device)
+    model.source_file = os.path.abspath(path)  # draft_quant=gguf reads the file's own blocks again
     tok = Tokenizer.from_gguf(reader) if tokenizer else None
     return LoadedModel(model, tok, path, "gguf")
 

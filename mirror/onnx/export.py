@@ -21,6 +21,11 @@ test prompt; 3.0 with 7-bit weights). The graphs are then
 `<name>.int8.onnx`, each with its own `<name>.int8.onnx.data` (the quantizer writes one
 external-data file per graph), and weights.bin is gone.
 
+A gguf draft (draft_quant=gguf: the target's copy, or a GGUF draft model) is exported from the
+fp32 weights its file's blocks decode to; each graph is then rewritten before its weights are
+stored (blocks.py): every MatMul over a weight found in the file becomes MatMulNBits over the
+file's own 4-/8-bit codes, and the graphs share one weights.bin as fp32 exports do.
+
 Graph math and the KV contract (graphs read the static caches, return only new entries) are
 in graphs.py; `OrtDraftNet` (runtime.py) drives the folder.
 """
@@ -39,8 +44,8 @@ import torch
 from .graphs import BranchGraph, StepGraph, StreamGraph
 
 FORMAT = "mirror-onnx-draft"
-VERSION = 2  # 2: a window-sized step graph beside the 1-token and chunk graphs
-READS = (1, 2)  # version 1 exports run unchanged (their step widths are in the metadata)
+VERSION = 3  # 2: a window-sized step graph beside the 1-token and chunk graphs; 3: caches squeezed, not gathered
+READS = (1, 2, 3)  # version 1 exports run unchanged (their step widths are in the metadata)
 META_FILE = "draft.json"
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 65536  # external-data offsets on allocation-granularity boundaries, so ORT can mmap them
@@ -189,8 +194,14 @@ def export_draft(net, out_dir: str, *, target_cfg=None, kind: str = "self", rows
     the rest of the dict is recorded in draft.json)."""
     import onnx
 
-    if quant is not None and quant.get("mode") != "int8":
-        raise ValueError(f"unknown export quantization {quant.get('mode')!r}; only int8 is supported")
+    if quant is not None and quant.get("mode") not in ("int8", "gguf"):
+        raise ValueError(f"unknown export quantization {quant.get('mode')!r}; int8 or gguf")
+    blocks = None
+    if quant is not None and quant["mode"] == "gguf":  # the file's own blocks: blocks.py
+        from .blocks import BlockTable
+
+        blocks = BlockTable(quant["file"]["path"])
+        quant = {**quant, "converted": {}}
 
     for name, v, lo in (("rows", rows, 1), ("step_width", step_width, 1), ("window_width", window_width, 1),
                         ("max_len", max_len, 2), ("branch_slots", branch_slots, 1)):
@@ -208,6 +219,10 @@ def export_draft(net, out_dir: str, *, target_cfg=None, kind: str = "self", rows
         for name, (cls, args, ins, outs) in graph_plan(net, rows, widths, max_len, branch_slots).items():
             with torch.no_grad():
                 model = _export_graph(cls(net, max_len), args, ins, outs, opset)
+            if blocks is not None:
+                from .blocks import convert_graph
+
+                quant["converted"][name] = convert_graph(model, blocks, quant.get("accuracy_level", 4))
             store.externalize(model)
             model.producer_name, model.doc_string = "mirror-sd", f"mirror draft graph {name}"
             onnx.save(model, str(out / f"{name}.onnx"))
@@ -215,7 +230,7 @@ def export_draft(net, out_dir: str, *, target_cfg=None, kind: str = "self", rows
             graphs[name] = {"file": f"{name}.onnx", "kind": name.split("_")[0], **_signature(model)}
     finally:
         n_bytes = store.close()
-    if quant is not None:  # weights.bin is replaced by per-graph int8 files: no need to hash it
+    if quant is not None and quant["mode"] == "int8":  # weights.bin is replaced by per-graph int8 files
         weights = quantize_graphs(out, graphs)
     else:
         weights = {"file": WEIGHTS_FILE, "bytes": n_bytes, "sha256": _file_sha256(str(out / WEIGHTS_FILE))}
@@ -252,7 +267,7 @@ def export_draft(net, out_dir: str, *, target_cfg=None, kind: str = "self", rows
         "versions": _versions(),
         "target": config_fingerprint(target_cfg if target_cfg is not None else net.cfg),
         "weights": weights,
-        "quant": ({**quant, "scheme": QUANT_SCHEME} if quant is not None else None),
+        "quant": ({**quant, "scheme": QUANT_SCHEMES[quant["mode"]]} if quant is not None else None),
         "graphs": graphs,
         "export_s": round(time.perf_counter() - t0, 2),
     }
@@ -262,8 +277,13 @@ def export_draft(net, out_dir: str, *, target_cfg=None, kind: str = "self", rows
     return meta
 
 
-QUANT_SCHEME = ("onnxruntime dynamic quantization: MatMul -> DynamicQuantizeLinear (uint8 activations, "
-                "per call) + MatMulInteger (uint8 weights, asymmetric, per output channel)")
+GGUF_ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations per block of 32 (blocks.py)
+QUANT_SCHEMES = {
+    "int8": ("onnxruntime dynamic quantization: MatMul -> DynamicQuantizeLinear (uint8 activations, "
+             "per call) + MatMulInteger (uint8 weights, asymmetric, per output channel)"),
+    "gguf": ("the GGUF file's own Q4_0/Q4_1/Q8_0 blocks: MatMul -> com.microsoft MatMulNBits (block 32; "
+             "Q4_1's offsets as x @ block sums @ offsets), matched to the file by value (onnx/blocks.py)"),
+}
 
 
 def quantize_graphs(out: Path, graphs: dict) -> dict:
@@ -332,11 +352,14 @@ def network_kind(spec) -> str:
 
 
 def torch_draft_net(target, spec, kind: str):
-    """The PyTorch DraftNet a SpecConfig describes, whatever its draft_backend."""
+    """The PyTorch DraftNet a SpecConfig describes, whatever its draft_backend (for
+    draft_quant=gguf: the fp32 model its blocks decode to)."""
     import dataclasses
 
     from ..decoding.factory import build_draft_net
 
+    if spec.draft_quant == "gguf" and kind == "model":
+        return export_net(target, spec, kind)
     return build_draft_net(target, dataclasses.replace(spec, draft_backend="torch"), kind)
 
 
@@ -346,16 +369,35 @@ def export_net(target, spec, kind: str):
     if spec.draft_quant == "none" or kind != "model":
         return torch_draft_net(target, spec, kind)
     from ..decoding.drafters.network import DraftNet
-    from ..decoding.factory import draft_keep_ids, smoothed_draft_model
+    from ..decoding.factory import _separate_model, draft_keep_ids, smoothed_draft_model
+
+    if spec.draft_quant == "gguf":  # the fp32 values the file's blocks decode to
+        dm = target if spec.draft_model == "target" else _separate_model(spec.draft_model, target)
+        return DraftNet.from_model(dm, draft_keep_ids(spec, kind))
 
     return DraftNet.from_model(smoothed_draft_model(spec.draft_model, target, spec.int8_calib),
                                draft_keep_ids(spec, kind))
 
 
-def export_quant(spec) -> dict | None:
+def gguf_source(spec, target) -> str:
+    """The GGUF file whose blocks a draft_quant=gguf draft runs: the target's for
+    draft_model=target, else the draft model's."""
+    path = getattr(target, "source_file", None) if spec.draft_model == "target" else spec.draft_model
+    if not path or not os.path.isfile(path) or not str(path).endswith(".gguf"):
+        what = "the target was not loaded from a GGUF file" if spec.draft_model == "target" \
+            else f"{spec.draft_model} is not a GGUF file"
+        raise ValueError(f"draft_quant=gguf needs a GGUF model with quantized blocks: {what}")
+    return os.path.abspath(path)
+
+
+def export_quant(spec, target=None) -> dict | None:
     """draft.json's "quant" entry for a SpecConfig's draft (None: not quantized)."""
     if spec.draft_quant == "none":
         return None
+    if spec.draft_quant == "gguf":
+        path = gguf_source(spec, target)
+        return {"mode": "gguf", "file": {"path": path, "sha256": _file_sha256(path)},
+                "accuracy_level": GGUF_ACCURACY_LEVEL}
     calib = None
     if spec.int8_calib:
         from ..models.bundled import resolve_artifact
@@ -371,7 +413,7 @@ def export_from_spec(target, spec, out_dir: str, kind: str | None = None, net=No
     net = net or export_net(target, spec, kind)
     layers = None if kind == "model" else len(net.blocks) - (1 if _has_adapter(net, target) else 0)
     return export_draft(net, out_dir, target_cfg=target.cfg, kind=kind,
-                        source=draft_source(spec, kind, layers), quant=export_quant(spec), **shapes)
+                        source=draft_source(spec, kind, layers), quant=export_quant(spec, target), **shapes)
 
 
 def cache_root() -> Path:
@@ -398,7 +440,8 @@ def cached_export(target, spec, kind: str | None = None, rows: int | None = None
     net = export_net(target, spec, kind)
     v = _versions()
     key = {"target": config_fingerprint(target.cfg), "weights": _weights_sha256(net), "kind": kind,
-           "quant": spec.draft_quant, "ort": v.get("onnxruntime") if spec.draft_quant != "none" else None,
+           "quant": [spec.draft_quant, GGUF_ACCURACY_LEVEL if spec.draft_quant == "gguf" else None],
+           "ort": v.get("onnxruntime") if spec.draft_quant != "none" else None,
            "streams": [spec.streams, spec.stream_layers] if kind == "streaming" else None,
            "shapes": [rows, step_width, window_width, max_len], "format": VERSION,
            "versions": [v["torch"], v["onnx"], v["onnxscript"], v["mirror_sd"]]}
@@ -425,7 +468,7 @@ def cached_export(target, spec, kind: str | None = None, rows: int | None = None
     return str(out)
 
 
-def check_net(meta: dict, net, kind: str, spec=None) -> None:
+def check_net(meta: dict, net, kind: str, spec=None, target=None) -> None:
     """An export folder must hold the draft the spec asks for: compare it with the PyTorch
     DraftNet the spec builds (layers, adapter, vocabulary, streams) and list every difference."""
     d, diffs = meta["draft"], []
@@ -435,7 +478,10 @@ def check_net(meta: dict, net, kind: str, spec=None) -> None:
         have = (meta.get("quant") or {}).get("mode", "none")
         if have != spec.draft_quant:
             diffs.append(f"quantization {have!r} != draft_quant {spec.draft_quant!r}")
-        if have == spec.draft_quant != "none":
+        if have == spec.draft_quant == "gguf" and target is not None:
+            if meta["quant"]["file"]["sha256"] != export_quant(spec, target)["file"]["sha256"]:
+                diffs.append("the spec's GGUF file is not the one whose blocks were exported")
+        elif have == spec.draft_quant != "none":
             got = ((meta.get("quant") or {}).get("int8_calib") or {}).get("sha256")
             want = ((export_quant(spec) or {}).get("int8_calib") or {}).get("sha256")
             if got != want:

@@ -11,7 +11,8 @@ the runtime writes them into its host buffers at their positions. The host cache
 layer out of a single 5-D input makes ONNX Runtime copy the whole cache every call. Attention is split into the
 cached part (keys at positions < pos0, or < prefix[r] for branch rows) and the part produced in
 this call (the new tokens' own keys, causal), joined in one softmax - the `BranchContext` math.
-So the cache is never copied inside the graph and the runtime can bind it by pointer.
+So the cache is never copied inside the graph and the runtime can bind it by pointer (a layer's
+`[1, Hk, S, hd]` input is squeezed, which aliases, never indexed, which ONNX Runtime's Gather copies).
 
 All graphs run in fp32; weights are the draft's own (tied embedding/head stay one tensor).
 """
@@ -122,7 +123,7 @@ class StepGraph(DraftGraph):
         ks, vs = [], []
         for i, blk in enumerate(self.blocks):
             q, k, v = self.qkv(blk, h, cos, sin)
-            o = self.attend_row(q, k, v, k_cache[i][0], v_cache[i][0], mask_main, mask_own)
+            o = self.attend_row(q, k, v, k_cache[i].squeeze(0), v_cache[i].squeeze(0), mask_main, mask_own)
             h = self.finish(blk, h, o)
             ks.append(k.permute(0, 2, 1, 3))
             vs.append(v.permute(0, 2, 1, 3))
@@ -156,7 +157,7 @@ class BranchGraph(DraftGraph):
             q, k, v = self.qkv(blk, h, cos, sin)
             qr = q[:, 0].view(R, Hk, n_rep, hd)
             kr, vr = k[:, 0], v[:, 0]  # [R, Hk, hd]
-            mk, mv = k_cache[i][0], v_cache[i][0]  # [Hk, S, hd], read once for all rows
+            mk, mv = k_cache[i].squeeze(0), v_cache[i].squeeze(0)  # [Hk, S, hd], read once for all rows
             qh = qr.permute(1, 0, 2, 3).reshape(Hk, R * n_rep, hd)
             s1 = torch.matmul(qh, mk.transpose(-1, -2)).view(Hk, R, n_rep, S).permute(1, 0, 2, 3)
             s2 = torch.matmul(qr, k_own[i].transpose(-1, -2))  # [R, Hk, n_rep, W]
@@ -197,7 +198,7 @@ class StreamGraph(DraftGraph):
         ks, vs = [], []
         for i, blk in enumerate(self.blocks[:L0]):
             q, k, v = self.qkv(blk, h, cos, sin)
-            h = self.finish(blk, h, self.attend_row(q, k, v, k_cache[i][0], v_cache[i][0], mask_main, mask_own))
+            h = self.finish(blk, h, self.attend_row(q, k, v, k_cache[i].squeeze(0), v_cache[i].squeeze(0), mask_main, mask_own))
             ks.append(k.permute(0, 2, 1, 3))
             vs.append(v.permute(0, 2, 1, 3))
         h_last = torch.index_select(h[0], 0, n_valid - 1)  # [1, dim]
@@ -210,7 +211,7 @@ class StreamGraph(DraftGraph):
         cos, sin = self.rope(pp[None])
         for i, blk in enumerate(self.blocks[L0:], start=L0):
             q, k, v = self.qkv(blk, hh, cos, sin)
-            hh = self.finish(blk, hh, self.attend_row(q, k, v, k_cache[i][0], v_cache[i][0], mask_main, mask_top))
+            hh = self.finish(blk, hh, self.attend_row(q, k, v, k_cache[i].squeeze(0), v_cache[i].squeeze(0), mask_main, mask_top))
             ks.append(k[:, :T].permute(0, 2, 1, 3))
             vs.append(v[:, :T].permute(0, 2, 1, 3))
         logits = self.logits(hh[0])  # [T + gs, V']

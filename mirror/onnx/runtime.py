@@ -317,6 +317,6 @@ def ort_draft_for_spec(target, spec, kind: str) -> OrtDraftNet:
         net = OrtDraftNet(model_dir, spec.onnx_providers, strict=spec.onnx_strict, intra_threads=spec.onnx_threads,
                           inter_threads=spec.onnx_inter_threads, target_cfg=target.cfg)
     if spec.onnx_dir:  # a folder given by hand may hold another draft than the spec's
-        check_net(net.meta, torch_draft_net(target, spec, kind), kind, spec)
+        check_net(net.meta, torch_draft_net(target, spec, kind), kind, spec, target)
     _NETS[key] = net
     return net
