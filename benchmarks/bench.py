@@ -212,6 +212,16 @@ def method_backend(text: str) -> tuple[str, str]:
     return head + ("@" + ",".join(keep) if keep else ""), backend
 
 
+# where and how the draft worker runs its network: its deployment's, never a request's (the token
+# channel does not carry them - see mirror.runtime.channel._wire_fields)
+DRAFT_PLACEMENT = ("draft_backend", "onnx_dir", "onnx_providers", "onnx_strict", "onnx_threads",
+                   "onnx_inter_threads", "onnx_max_len")
+
+
+def _settings(label: str) -> list[str]:
+    return [kv.partition("=")[0].strip().replace("-", "_") for kv in filter(None, label.partition("@")[2].split(","))]
+
+
 def reference_label(label: str, labels: list[str]) -> str:
     """The plain-decoding run a method's outputs and same-target speedup are compared with:
     `ar` on the method's target backend when the run has it, else the baseline."""
@@ -586,6 +596,11 @@ def cmd_bench(args) -> int:
         _die(str(e))
     if not questions:
         _die(f"{qpath}: no questions selected")
+    placed = sorted({k for label, _ in parsed for k in _settings(label) if k in DRAFT_PLACEMENT}
+                    | {k for k in base if k in DRAFT_PLACEMENT})
+    if placed and args.runtime == "distributed":
+        _die(f"{', '.join(placed)} in a method label is for --runtime inprocess; the distributed runtime's "
+             f"draft worker takes them from its deployment config (--config: draft.backend, draft.onnx_max_len, ...)")
     if args.runtime not in ENGINES:
         _die(UNAVAILABLE.get(args.runtime, f"unknown runtime {args.runtime!r}"))
     lm = load_from_args(args)

@@ -148,7 +148,8 @@ def deployment_from_args(args):
         draft = {new: getattr(spec, old) for old, new in (("draft_backend", "backend"), ("onnx_dir", "onnx_dir"),
                                                           ("onnx_providers", "providers"),
                                                           ("onnx_strict", "strict_providers"),
-                                                          ("onnx_threads", "threads")) if hasattr(args, old)}
+                                                          ("onnx_threads", "threads"),
+                                                          ("onnx_max_len", "onnx_max_len")) if hasattr(args, old)}
         if draft:
             over["draft"] = dataclasses.replace(deploy.draft, **draft)
         if getattr(args, "model", None):

@@ -455,3 +455,17 @@ def test_linear_layouts_times_every_path_and_checks_row_invariance(capsys):
     out = capsys.readouterr().out
     assert all(f"layers+head: {p}" in out for p in ll.PATHS)
     assert "model yes" in out and "ort " in out
+
+
+def test_draft_placement_in_a_label_is_refused_on_the_distributed_runtime(tmp_path, capsys):
+    """The token channel does not carry where the draft runs (its deployment decides), so a
+    label asking for onnx_max_len or draft_backend on the distributed runtime would be silently
+    ignored: it is refused, before any runtime starts, naming the deployment's keys."""
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["Hi"]}) + "\n")
+    for label in ("sd:model@draft_model=target,draft_quant=gguf,onnx_max_len=1024", "sd:ngram@draft_backend=onnx"):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "--runtime", "distributed", "--questions", str(q), "--methods", "ar", label])
+        assert e.value.code != 0
+        err = capsys.readouterr().err
+        assert "deployment config" in err and ("onnx_max_len" in err or "draft_backend" in err)

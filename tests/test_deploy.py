@@ -128,3 +128,33 @@ def test_bundled_artifacts_exist_and_load(bundled):
     trim = VocabTrim.load(resolve_artifact("bundled", "vocab_trim"))
     assert 0 < len(trim.keep_ids) < bundled.model.cfg.vocab_size
     assert len(load_datastore(spec.ngram_datastore).table) > 1000
+
+
+def test_draft_onnx_max_len_reaches_the_draft_workers_spec(tmp_path, monkeypatch):
+    """draft.onnx_max_len (deployment) is what the draft worker exports with: the token channel
+    does not carry it, so `--onnx-max-len` on the CLI maps there too; bad values are refused."""
+    from mirror import cli
+    from mirror.runtime.workers import draft_placement
+    from mirror.spec_config import SpecConfig
+
+    p = tmp_path / "d.yaml"
+    p.write_text(yaml.safe_dump({"draft": {"backend": "onnx", "onnx_max_len": 1024}}))
+    deploy = DeploymentConfig.load(str(p))
+    assert deploy.draft.onnx_max_len == 1024
+    for d, want in ((deploy, 1024), (DeploymentConfig.local(), 4096)):  # unset: the spec's own
+        spec = draft_placement(d.draft, SpecConfig(method="sd", draft="ngram", onnx_max_len=4096))
+        assert spec.draft_backend == "onnx" and spec.onnx_max_len == want
+    seen, real = [], cli.deployment_from_args
+
+    def stop(args):  # the deployment `mirror generate` would start, then stop before Ray
+        seen.append(real(args))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "deployment_from_args", stop)
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--onnx-max-len", "512", "hi"])
+    assert seen[0].draft.onnx_max_len == 512
+    for bad in (1, "long", True):
+        p.write_text(yaml.safe_dump({"draft": {"onnx_max_len": bad}}))
+        with pytest.raises(ValueError, match="onnx_max_len"):
+            DeploymentConfig.load(str(p))

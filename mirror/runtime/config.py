@@ -95,6 +95,8 @@ class DraftConfig:
     providers: list = field(default_factory=lambda: ["CPUExecutionProvider"])  # onnx: priority list
     strict_providers: bool = False  # onnx: fail instead of falling back to CPU
     onnx_dir: str | None = None  # onnx: exported draft (exported on first use when None)
+    onnx_max_len: int | None = None  # onnx: cache positions of an export made on first use (None: 2048);
+    # every drafted token reads the whole static cache, so a deployment of short requests drafts faster with less
     deadline_ms: float = 2000.0  # a draft reply slower than this is treated as a dead draft
     restart: bool = True  # restart a dead draft in the background
 
@@ -110,6 +112,9 @@ class DraftConfig:
                 raise ValueError(f"draft.providers: unknown execution provider {name!r}")
         if self.deadline_ms <= 0:
             raise ValueError("draft.deadline_ms must be > 0")
+        if self.onnx_max_len is not None and (isinstance(self.onnx_max_len, bool)
+                                              or not isinstance(self.onnx_max_len, int) or self.onnx_max_len < 2):
+            raise ValueError(f"draft.onnx_max_len must be an integer >= 2, got {self.onnx_max_len!r}")
 
 
 @dataclass(slots=True)

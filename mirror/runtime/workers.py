@@ -139,6 +139,29 @@ def _has_onnxruntime() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+def draft_placement(d, spec: SpecConfig) -> SpecConfig:
+    """The deployment's draft section `d` decides where the draft runs (torch on a device, or
+    ONNX Runtime, with its providers, threads and export shape), whatever the request's spec
+    says (the token channel does not carry these)."""
+    import dataclasses
+
+    kw = {}
+    names = {f.name for f in dataclasses.fields(SpecConfig)}
+    if "draft_backend" in names:
+        backend = d.backend
+        if backend == "onnx" and not d.strict_providers and not _has_onnxruntime():
+            log.warning("the ONNX Runtime draft is not available (pip install 'mirror-sd[onnx]'); "
+                        "the draft runs on PyTorch")
+            backend = "torch"
+        kw["draft_backend"] = backend
+        if backend == "onnx":
+            kw.update({k: v for k, v in (("onnx_dir", d.onnx_dir), ("onnx_providers", d.providers),
+                                          ("onnx_strict", d.strict_providers), ("onnx_threads", d.threads),
+                                          ("onnx_max_len", d.onnx_max_len))
+                       if k in names and (v is not None or k != "onnx_max_len")})
+    return dataclasses.replace(spec, **kw) if kw else spec
+
+
 @ray.remote
 class DraftWorker:
     """Hosts draft pipelines behind the DraftChannel gRPC service on this node."""
@@ -176,24 +199,7 @@ class DraftWorker:
                                            target_backend=self.target_backend), spec)
 
     def _apply_backend(self, spec: SpecConfig) -> SpecConfig:
-        """The deployment decides where the draft runs (torch on a device, or ONNX Runtime)."""
-        import dataclasses
-
-        d = self.deploy.draft
-        kw = {}
-        names = {f.name for f in dataclasses.fields(SpecConfig)}
-        if "draft_backend" in names:
-            backend = d.backend
-            if backend == "onnx" and not d.strict_providers and not _has_onnxruntime():
-                log.warning("the ONNX Runtime draft is not available (pip install 'mirror-sd[onnx]'); "
-                            "the draft runs on PyTorch")
-                backend = "torch"
-            kw["draft_backend"] = backend
-            if backend == "onnx":
-                kw.update({k: v for k, v in (("onnx_dir", d.onnx_dir), ("onnx_providers", d.providers),
-                                              ("onnx_strict", d.strict_providers), ("onnx_threads", d.threads))
-                           if k in names})
-        return dataclasses.replace(spec, **kw) if kw else spec
+        return draft_placement(self.deploy.draft, spec)
 
     def address(self) -> str:
         return self.addr
