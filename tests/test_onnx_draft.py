@@ -383,6 +383,14 @@ def test_token_channel_carries_a_spec_with_an_onnx_backend():
 
 
 # --- int8 drafts ---------------------------------------------------------------------------
+def _assert_lossless(target, tok, spec, params):
+    """Two prompts decode as plain decoding does, with the draft drafting."""
+    for prompt in ([5, 6, 7, 8], list(b"hello world")):
+        res = generate(target, tok, prompt, params, spec)
+        assert res.ids == generate(target, tok, prompt, params).ids
+        assert res.metrics.draft_tokens_computed > 0
+
+
 def _int8_setup(tmp_path):
     """A tiny target, SmoothQuant statistics for it, and an int8 spec drafting with its own copy."""
     from helpers import byte_tokenizer, tiny_model
@@ -410,10 +418,7 @@ def test_int8_draft_is_exported_as_dynamic_int8_graphs_on_first_use_and_lossless
     target, tok, calib, kw = _int8_setup(tmp_path)
     spec = SpecConfig(draft_backend="onnx", onnx_max_len=128, **kw)
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    for prompt in ([5, 6, 7, 8], list(b"hello world")):
-        res = generate(target, tok, prompt, params, spec)
-        assert res.ids == generate(target, tok, prompt, params).ids
-        assert res.metrics.draft_tokens_computed > 0
+    _assert_lossless(target, tok, spec, params)
     (folder,) = (tmp_path / "cache").iterdir()
     meta = read_metadata(str(folder))
     assert meta["quant"]["mode"] == "int8" and meta["weights"]["per_graph"]
@@ -564,10 +569,7 @@ def test_gguf_draft_is_exported_on_first_use_and_lossless(tmp_path, monkeypatch)
     for method in ("sd", "mirror"):
         spec = SpecConfig(method=method, draft="model", draft_model="target", draft_quant="gguf",
                           draft_backend="onnx", onnx_max_len=128, gamma=3, kappa=4, budget=4, branch_batch=4)
-        for prompt in ([5, 6, 7, 8], list(b"hello world")):
-            res = generate(target, tok, prompt, params, spec)
-            assert res.ids == generate(target, tok, prompt, params).ids
-            assert res.metrics.draft_tokens_computed > 0
+        _assert_lossless(target, tok, spec, params)
     (folder,) = (tmp_path / "cache").iterdir()
     meta = read_metadata(str(folder))
     assert meta["quant"]["mode"] == "gguf" and meta["quant"]["file"]["path"] == path
