@@ -51,9 +51,12 @@ class _Tensor:
         return {"Q4_0": 8, "Q4_1": 0, "Q8_0": 128}[self.kind]
 
     def dequantized(self) -> np.ndarray:
-        w = (self.codes.astype(np.float32) - self.zero_point) * self.scale[..., None]
+        """[rows, cols] float32, as GGML decodes the blocks (Q4_1: d * q + m; else d * (q - zp))."""
+        q = self.codes.astype(np.float32)
         if self.offset is not None:
-            w = self.codes.astype(np.float32) * self.scale[..., None] + self.offset[..., None]
+            w = q * self.scale[..., None] + self.offset[..., None]
+        else:
+            w = (q - self.zero_point) * self.scale[..., None]
         return w.reshape(w.shape[0], -1)
 
 
