@@ -633,3 +633,9 @@ def test_every_linear_of_the_bundled_model_is_found_in_its_gguf_blocks(bundled):
     w = model.layers[0].w2.weight.detach().numpy().copy()
     w[3, 5] = np.nextafter(w[3, 5], np.float32(np.inf))
     assert table.lookup(w) is None
+
+
+def test_a_request_longer_than_the_export_says_which_setting_to_raise(ort_net):
+    with pytest.raises(ValueError, match=f"needs {MAX_LEN + 1} cache positions.*draft.onnx_max_len"):
+        ort_net.new_cache(1, MAX_LEN + 1)
+    assert ort_net.new_cache(1, MAX_LEN).max_len == MAX_LEN

@@ -201,7 +201,8 @@ class OrtDraftNet:
             raise ValueError(f"the exported step graph drives one cache row, not {max_batch}")
         if max_len > self.max_len:
             raise ValueError(f"this draft needs {max_len} cache positions; the export in {self.dir} holds "
-                             f"{self.max_len}: export again with --max-len >= {max_len}")
+                             f"{self.max_len}: export again with --max-len >= {max_len} (an export made on first use: "
+                             f"onnx_max_len, in a deployment draft.onnx_max_len / --onnx-max-len)")
         return KVCache(self.L, 1, self.n_kv, self.max_len, self.hd, layers=range(self.L))
 
     def new_branch_buffer(self, cache: KVCache, max_rows: int, max_slots: int) -> GroupedBranchBuffer:
