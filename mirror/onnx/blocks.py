@@ -132,7 +132,7 @@ def convert_graph(model, table: BlockTable, accuracy_level: int = 4) -> dict:
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    used_elsewhere = {x for n in g.node for x in n.input}
+    used_before = {x for n in g.node for x in n.input}
     nodes, converted, kept, new_inits = [], 0, 0, []
     uid = [0]
 
@@ -163,11 +163,9 @@ def convert_graph(model, table: BlockTable, accuracy_level: int = 4) -> dict:
         codes = hit.codes if hit.bits == 8 else (hit.codes[..., 0::2] | (hit.codes[..., 1::2] << 4))
         ins = [x, const(np.ascontiguousarray(codes, dtype=np.uint8), "codes"),
                const(np.ascontiguousarray(hit.scale.reshape(-1), dtype=np.float32), "scales")]
-        zp_default = 8 if hit.bits == 4 else 128
-        if hit.zero_point != zp_default:
-            nzp = nb if hit.bits == 8 else (nb + 1) // 2
-            fill = hit.zero_point if hit.bits == 8 else hit.zero_point | (hit.zero_point << 4)
-            ins.append(const(np.full((n_rows * nzp,), fill, dtype=np.uint8), "zero_points"))
+        if hit.offset is not None:  # Q4_1's codes are unsigned: zero point 0, not MatMulNBits' default
+            # 2^(bits-1), which is Q4_0's 8 and Q8_0's 128 (4-bit zero points: two per byte)
+            ins.append(const(np.zeros((n_rows * ((nb + 1) // 2),), dtype=np.uint8), "zero_points"))
         out = node.output[0]
         main = out if hit.offset is None else f"{out}_gguf_blocks"
         level = 4 if hit.bits == 8 else accuracy_level
@@ -184,7 +182,7 @@ def convert_graph(model, table: BlockTable, accuracy_level: int = 4) -> dict:
     del g.node[:]
     g.node.extend(nodes)
     still = {x for n in g.node for x in n.input}
-    drop = [i for i in g.initializer if i.name not in still and i.name in used_elsewhere]
+    drop = [i for i in g.initializer if i.name not in still and i.name in used_before]
     for i in drop:
         g.initializer.remove(i)
     g.initializer.extend(new_inits)
