@@ -4,6 +4,7 @@ metadata round trip. Exports once per module into temporary folders: a 3-layer s
 a VocabTrim head through `mirror export-draft` (max_len 512), and a 2-layer streaming self-draft
 with the full head."""
 import json
+import os
 import shutil
 import warnings
 
@@ -554,39 +555,41 @@ def test_gguf_blocks_replace_the_files_weights_and_keep_the_rest(qtype, tmp_path
         np.testing.assert_allclose(y_other, x @ w_other.T, rtol=1e-5, atol=1e-5)
 
 
-def test_gguf_draft_is_exported_on_first_use_and_lossless(tmp_path, monkeypatch):
-    """draft_quant=gguf with the ONNX backend: the target's copy is exported with every linear
-    layer and the tied head as MatMulNBits over the file's own Q4_1 blocks; the draft's logits
-    are the target's up to int8 activations, and decoding stays lossless (sd and mirror)."""
+def test_gguf_draft_export_is_lossless_and_converts_every_linear(tmp_path, monkeypatch):
+    """draft_quant=gguf as a static-shape export (what an NPU provider gets, and any folder
+    given as onnx_dir): the target's copy is exported with every linear layer and the tied head
+    as MatMulNBits over the file's own Q4_1 blocks; the draft's logits are the target's up to
+    int8 activations, and decoding stays lossless (sd and mirror)."""
+    from dataclasses import replace
+
     from helpers import byte_tokenizer
 
-    from mirror.decoding.factory import build_draft_net
+    import mirror.onnx.export as export
 
     monkeypatch.setenv("MIRROR_ONNX_CACHE", str(tmp_path / "cache"))
     path, target = _gguf_target(tmp_path, "Q4_1")
     tok = byte_tokenizer()
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    spec = SpecConfig(method="sd", draft="model", draft_model="target", draft_quant="gguf",
+                      draft_backend="onnx", onnx_max_len=128, gamma=3, kappa=4, budget=4, branch_batch=4)
+    folder = export.cached_export(target, spec, "model")
     for method in ("sd", "mirror"):
-        spec = SpecConfig(method=method, draft="model", draft_model="target", draft_quant="gguf",
-                          draft_backend="onnx", onnx_max_len=128, gamma=3, kappa=4, budget=4, branch_batch=4)
-        _assert_lossless(target, tok, spec, params)
-    (folder,) = (tmp_path / "cache").iterdir()
-    meta = read_metadata(str(folder))
+        _assert_lossless(target, tok, replace(spec, method=method, onnx_dir=folder), params)
+    meta = read_metadata(folder)
     assert meta["quant"]["mode"] == "gguf" and meta["quant"]["file"]["path"] == path
     n_linear = 4 * len(target.layers) + 1  # wqkv, wo, w13, w2 per layer + head
     for name, g in meta["graphs"].items():
         assert meta["quant"]["converted"][name] == {"converted": n_linear, "kept_fp32": 0}
-        m = onnx.load(str(folder / g["file"]), load_external_data=False)
+        m = onnx.load(os.path.join(folder, g["file"]), load_external_data=False)
         ops = [n.op_type for n in m.graph.node]
         assert ops.count("MatMulNBits") == n_linear
     # the same export computing in fp32 (accuracy level 0): the draft is then the fp32 target
     # itself up to summation order - every weight was found and decoded right
-    import mirror.onnx.export as export
-
     monkeypatch.setattr(export, "GGUF_ACCURACY_LEVEL", 0)
     monkeypatch.setenv("MIRROR_ONNX_CACHE", str(tmp_path / "cache0"))
-    nets = {"fp32 act": build_draft_net(target, spec, "model"), "int8 act": OrtDraftNet(str(folder), target_cfg=target.cfg)}
-    assert read_metadata(nets["fp32 act"].dir)["quant"]["accuracy_level"] == 0
+    folder0 = export.cached_export(target, spec, "model")
+    assert read_metadata(folder0)["quant"]["accuracy_level"] == 0
+    nets = {"fp32 act": OrtDraftNet(folder0, target_cfg=target.cfg), "int8 act": OrtDraftNet(folder, target_cfg=target.cfg)}
     fp32 = DraftNet.from_model(target)
     toks = torch.randint(1, 256, (1, 24), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
@@ -594,6 +597,79 @@ def test_gguf_draft_is_exported_on_first_use_and_lossless(tmp_path, monkeypatch)
         out = {k: n(toks, torch.arange(24)[None], n.new_cache(1, 128), kv_len=24)[0] for k, n in nets.items()}
     assert _maxdiff(out["fp32 act"], ref) <= 1e-4 * float(ref.abs().max())
     assert _maxdiff(out["int8 act"], ref) > 1e3 * _maxdiff(out["fp32 act"], ref)  # level 4 did quantize
+
+
+def test_gguf_draft_on_the_cpu_is_a_built_graph_and_lossless(tmp_path, monkeypatch):
+    """draft_quant=gguf on the CPU provider needs no export: the file's blocks go into one
+    dynamic-shape graph (GgufDraftNet: MatMulNBits + GroupQueryAttention over the host cache),
+    built on first use and kept; sd and mirror (branch rows through the same graph) stay
+    lossless and the branches hit."""
+    from helpers import byte_tokenizer
+
+    from mirror.decoding.factory import build_draft_net
+    from mirror.onnx.gguf_net import GgufDraftNet
+
+    monkeypatch.setenv("MIRROR_ONNX_CACHE", str(tmp_path / "cache"))
+    _, target = _gguf_target(tmp_path, "Q4_1")
+    tok = byte_tokenizer()
+    params = SamplingParams(max_new_tokens=32, ignore_eos=True)
+    hits = 0
+    for method in ("sd", "mirror"):
+        spec = SpecConfig(method=method, draft="model", draft_model="target", draft_quant="gguf",
+                          draft_backend="onnx", gamma=3, kappa=4, budget=4, branch_batch=2, pre_budget=2)
+        net = build_draft_net(target, spec, "model")
+        assert isinstance(net, GgufDraftNet) and net is build_draft_net(target, spec, "model")
+        assert net.counts == {"converted": 4 * len(target.layers) + 1, "kept_fp32": 0}
+        for prompt in ([5, 6, 7, 8], list(b"hello world")):
+            res = generate(target, tok, prompt, params, spec)
+            assert res.ids == generate(target, tok, prompt, params).ids
+            assert res.metrics.draft_tokens_computed > 0 and res.metrics.accepted_tokens > 0
+            hits += res.metrics.hits
+    assert hits > 0
+    assert not (tmp_path / "cache").exists()  # nothing was exported
+
+
+def test_gguf_graph_attends_like_the_target_in_steps_chunks_and_branch_rows(tmp_path):
+    """At fp32 arithmetic (accuracy level 0) the built graph is the fp32 target up to
+    summation order: a 20-token chunk, the same tokens one call each, a hypothesis row
+    branching off the prefix (it must not see the prefix's later tokens, nor other rows),
+    its second token, and the prefix after `install` took the row's entries."""
+    from mirror.onnx.gguf_net import GgufDraftNet
+
+    _, target = _gguf_target(tmp_path, "Q4_1")
+    net = GgufDraftNet(target, accuracy_level=0)
+    ref_net = DraftNet.from_model(target)
+    toks = torch.randint(1, 256, (1, 20), generator=torch.Generator().manual_seed(7))
+
+    def ref(seq):  # fp32 logits of every position of seq
+        t = torch.tensor([seq])
+        return ref_net(t, torch.arange(len(seq))[None], ref_net.new_cache(1, 64), kv_len=len(seq))[0]
+
+    with torch.inference_mode():
+        r = ref(toks[0].tolist())
+        tol = 1e-4 * float(r.abs().max())
+        cache = net.new_cache(1, 64)
+        assert _maxdiff(net(toks, torch.arange(20)[None], cache)[0], r) <= tol
+        cache2 = net.new_cache(1, 64)
+        serial = torch.cat([net(toks[:, i:i + 1], torch.tensor([[i]]), cache2)[0] for i in range(20)])
+        assert _maxdiff(serial, r) <= tol
+        assert _maxdiff(net(toks, torch.arange(20)[None], net.new_cache(1, 64), last_only=True)[0, 0], r[-1]) <= tol
+        # branch rows: the prefix holds 20 tokens; row 0 replaces token 12 with 99, row 1 token 17 with 42
+        buf = net.new_branch_buffer(cache, max_rows=4, max_slots=4)
+        cache.set_length(0, 20)
+        prefix = torch.tensor([12, 17])
+        lg = net.forward_branch(torch.tensor([[99], [42]]), prefix[:, None], cache, 0, prefix, buf, 17)
+        seq0, seq1 = toks[0, :12].tolist() + [99], toks[0, :17].tolist() + [42]
+        assert _maxdiff(lg[0], ref(seq0)[-1]) <= tol and _maxdiff(lg[1], ref(seq1)[-1]) <= tol
+        lg2 = net.forward_branch(torch.tensor([[3], [4]]), prefix[:, None] + 1, cache, 0, prefix, buf, 17)
+        assert _maxdiff(lg2[0], ref(seq0 + [3])[-1]) <= tol and _maxdiff(lg2[1], ref(seq1 + [4])[-1]) <= tol
+        # the verdict takes row 1 (tokens 42, 4 after the first 17): its entries move to the prefix
+        buf.install(1, cache, 0, 17, 2)
+        cache.set_length(0, 19)
+        nxt = net(torch.tensor([[9]]), torch.tensor([[19]]), cache)[0, 0]
+        assert _maxdiff(nxt, ref(seq1 + [4, 9])[-1]) <= tol
+        with pytest.raises(ValueError, match="before slots"):  # a row must feed its slots in order
+            net.forward_branch(torch.tensor([[3]]), torch.tensor([[14]]), cache, 0, torch.tensor([12]), buf, 12, row0=2)
 
 
 def test_gguf_draft_needs_the_onnx_backend_and_a_gguf_file(tmp_path, monkeypatch):

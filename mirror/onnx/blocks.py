@@ -158,6 +158,7 @@ def convert_graph(model, table: BlockTable, accuracy_level: int = 4) -> dict:
             nodes.append(node)
             continue
         converted += 1
+        base = f"{node.name or node.op_type}_gguf{converted}"  # unique, also for unnamed nodes
         n_rows, k = w_rows.shape
         nb = k // BLOCK
         codes = hit.codes if hit.bits == 8 else (hit.codes[..., 0::2] | (hit.codes[..., 1::2] << 4))
@@ -169,16 +170,16 @@ def convert_graph(model, table: BlockTable, accuracy_level: int = 4) -> dict:
         out = node.output[0]
         main = out if hit.offset is None else f"{out}_gguf_blocks"
         level = 4 if hit.bits == 8 else accuracy_level
-        nodes.append(helper.make_node("MatMulNBits", ins, [main], name=f"{node.name}_gguf", domain="com.microsoft",
+        nodes.append(helper.make_node("MatMulNBits", ins, [main], name=base, domain="com.microsoft",
                                       K=k, N=n_rows, bits=hit.bits, block_size=BLOCK, accuracy_level=level))
         if hit.offset is not None:  # Q4_1: + sum_b m_b * sum(x_b)
             sums = np.kron(np.eye(nb, dtype=np.float32), np.ones((BLOCK, 1), np.float32))  # [K, nb]
             s = f"{out}_gguf_block_sums"
-            nodes.append(helper.make_node("MatMul", [x, const(sums, "block_sum")], [s], name=f"{node.name}_gguf_sums"))
+            nodes.append(helper.make_node("MatMul", [x, const(sums, "block_sum")], [s], name=f"{base}_sums"))
             o = f"{out}_gguf_offsets"
             nodes.append(helper.make_node("MatMul", [s, const(np.ascontiguousarray(hit.offset.T), "offsets")], [o],
-                                          name=f"{node.name}_gguf_offsets"))
-            nodes.append(helper.make_node("Add", [main, o], [out], name=f"{node.name}_gguf_add"))
+                                          name=f"{base}_offsets"))
+            nodes.append(helper.make_node("Add", [main, o], [out], name=f"{base}_add"))
     del g.node[:]
     g.node.extend(nodes)
     still = {x for n in g.node for x in n.input}

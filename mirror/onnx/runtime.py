@@ -310,6 +310,8 @@ def ort_draft_for_spec(target, spec, kind: str) -> OrtDraftNet:
 
     from .export import cached_export, check_net, torch_draft_net
 
+    if spec.draft_quant == "gguf" and kind == "model" and not spec.onnx_dir and _cpu_only(spec.onnx_providers):
+        return gguf_draft_for_spec(target, spec, kind)
     model_dir = spec.onnx_dir or cached_export(target, spec, kind)
     key = (str(Path(model_dir).resolve()), json.dumps(spec.onnx_providers, sort_keys=True), spec.onnx_strict,
            spec.onnx_threads, spec.onnx_inter_threads, id(target))
@@ -320,4 +322,36 @@ def ort_draft_for_spec(target, spec, kind: str) -> OrtDraftNet:
     if spec.onnx_dir:  # a folder given by hand may hold another draft than the spec's
         check_net(net.meta, torch_draft_net(target, spec, kind), kind, spec, target)
     _NETS[key] = net
+    return net
+
+
+def _cpu_only(providers) -> bool:
+    from .providers import CPU, parse_providers
+
+    return all(r.name == CPU for r in parse_providers(providers))
+
+
+def gguf_draft_for_spec(target, spec, kind: str = "model"):
+    """draft_quant=gguf on the CPU provider: the GGUF file's blocks as one graph built here
+    (gguf_net.GgufDraftNet: dynamic shapes, attention over the used positions only), kept per
+    file, head trim and thread settings. An NPU provider, or a folder given as onnx_dir, takes
+    the static-shape export instead (`mirror export-draft --draft-quant gguf`)."""
+    import hashlib
+
+    from ..decoding.factory import _separate_model, draft_keep_ids
+    from .export import gguf_source
+    from .gguf_net import GgufDraftNet
+
+    path = gguf_source(spec, target)
+    keep = draft_keep_ids(spec, kind)
+    trim = hashlib.sha1(keep.numpy().tobytes()).hexdigest() if keep is not None else None
+    key = ("gguf", path, trim, spec.onnx_threads, spec.onnx_inter_threads, spec.onnx_strict,
+           id(target) if spec.draft_model == "target" else None)
+    net = _NETS.get(key)
+    if net is None:
+        model = getattr(target, "model", target) if spec.draft_model == "target" \
+            else _separate_model(spec.draft_model, target)
+        net = GgufDraftNet(model, keep, spec.onnx_providers, strict=spec.onnx_strict,
+                           intra_threads=spec.onnx_threads, inter_threads=spec.onnx_inter_threads)
+        _NETS[key] = net
     return net
