@@ -5,7 +5,8 @@ On the target's greedy answers to held-out *training* prompts (never Spec-Bench)
 agreement with the fp32 target (teacher-forced) and the exact tau of greedy vanilla SD at gamma
 (replayed from those predictions), then one drafted token's time at several cached lengths
 (one thread) against a target step verifying a window of gamma + 1 (the eager and the onnx
-target backends, one thread).
+target backends, one thread). Measured twice: the static-shape export (what an NPU provider
+runs) and the graph the CPU provider builds on first use (mirror/onnx/gguf_net.py).
 
     python -m benchmarks.gguf_draft --out runs/gguf_draft        # ~6 min on 2 cores (export on first use)
 
@@ -64,21 +65,31 @@ def main(argv=None) -> dict:
     res = {"holdout": args.holdout, "holdout_skip": args.holdout_skip, "gamma": args.gamma,
            "answer_tokens": sum(len(r["ids"]) - r["n_prompt"] for r in hold), "drafts": {}}
     G = args.gamma
+
+    def measure(name: str, net, max_len: int, **extra) -> None:
+        torch.set_num_threads(2)
+        preds, agree = predictions(net, hold)
+        tau = replay_context_draft(preds, hold, G)
+        torch.set_num_threads(1)
+        ms = {c: forward_ms(net, c, 1, args.reps) for c in args.contexts if c + 2 < max_len}
+        res["drafts"][name] = {**extra, "top1_agreement": agree, "tau": tau, "ms_per_token": ms}
+        print(f"{name:62s} agreement {agree:.3f}  tau {tau:.2f}  ms/token "
+              + " ".join(f"{v:.1f}@{c}" for c, v in ms.items()), flush=True)
+
+    # the CPU provider's gguf draft: the same blocks in one built dynamic-shape graph (gguf_net.py)
+    from mirror.onnx.gguf_net import GgufDraftNet
+
+    torch.set_num_threads(1)
+    built = GgufDraftNet(t)
+    measure("gguf blocks, built graph (GroupQueryAttention, dynamic shapes)", built, 1 << 30, mode="gguf-built",
+            build_s=built.build_s)
     for d in dirs:
         meta = read_metadata(d)
         mode = (meta.get("quant") or {}).get("mode", "fp32")
         name = {"gguf": "gguf blocks (Q4_1 layers, Q8_0 head), MatMulNBits", "int8": "int8 (SmoothQuant, MatMulInteger)",
                 }.get(mode, mode) + f", max_len {meta['shapes']['max_len']}"
-        torch.set_num_threads(2)
-        net = OrtDraftNet(d, target_cfg=t.cfg)
-        preds, agree = predictions(net, hold)
-        tau = replay_context_draft(preds, hold, G)
-        torch.set_num_threads(1)
-        ms = {c: forward_ms(net, c, 1, args.reps) for c in args.contexts if c + 2 < meta["shapes"]["max_len"]}
-        res["drafts"][name] = {"dir": d, "mode": mode, "top1_agreement": agree, "tau": tau,
-                               "ms_per_token": ms, "weights_mb": meta["weights"]["bytes"] / 1e6}
-        print(f"{name:62s} agreement {agree:.3f}  tau {tau:.2f}  ms/token "
-              + " ".join(f"{v:.1f}@{c}" for c, v in ms.items()), flush=True)
+        measure(name, OrtDraftNet(d, target_cfg=t.cfg), meta["shapes"]["max_len"], dir=d, mode=mode,
+                weights_mb=meta["weights"]["bytes"] / 1e6)
     torch.set_num_threads(1)
     c = sorted(args.contexts)[len(args.contexts) // 2]
     res["target_step_ms"] = {"torch": forward_ms(t, c, G + 1, args.reps // 3 or 1), "context": c}
@@ -103,7 +114,7 @@ def main(argv=None) -> dict:
         import matplotlib.pyplot as plt
 
         names = list(res["drafts"])
-        labels = [n.split(" (")[0] for n in names]
+        labels = [n.split(" (")[0].replace(", built graph", " built") for n in names]
         fig, ax = plt.subplots(1, 3, figsize=(12, 3.6))
         ax[0].bar(labels, [res["drafts"][n]["top1_agreement"] for n in names], color="tab:blue")
         ax[0].set_title("top-1 agreement with the fp32 target")

@@ -102,6 +102,11 @@ _SPEC_FLAGS = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "bra
                "int8_calib", "combine_min", "verify_cut")
 
 
+# settings the embedded default chose for its own draft (the n-gram + gguf draft), dropped when
+# a command line names another draft
+_DRAFT_TIED = ("draft_model", "draft_quant", "int8_calib", "combine_min", "pre_budget", "budget", "branch_batch")
+
+
 def spec_from_args(args, base=None):
     """`base` (default: plain decoding) with every speculative flag that was given applied."""
     import dataclasses
@@ -110,10 +115,16 @@ def spec_from_args(args, base=None):
 
     base = base or SpecConfig(method="ar")
     given = {k: getattr(args, k) for k in _SPEC_FLAGS if hasattr(args, k)}
+    reset = {}
+    if given.get("draft", base.draft) != base.draft:  # another draft: the base's settings for its own
+        fresh = SpecConfig()                          # draft go back to the defaults, unless given
+        reset = {k: getattr(fresh, k) for k in _DRAFT_TIED if k not in given}
+        if given["draft"] == "ngram" and "budget" in reset:
+            reset["budget"] = 48  # n-gram branches are dict probes: every top-kappa candidate, 8 x 6
     if "onnx_providers" in given:
         given["onnx_providers"] = _providers(given["onnx_providers"])
     try:
-        return dataclasses.replace(base, **given)
+        return dataclasses.replace(base, **reset, **given)
     except ValueError as e:
         _die(str(e))
 

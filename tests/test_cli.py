@@ -151,3 +151,21 @@ def test_calibrate_int8_writes_statistics_the_draft_loads(bundled, capsys, tmp_p
     assert len(act) == 4 * bundled.model.cfg.n_layers + 1 and all(float(v.max()) > 0 for v in act.values())
     q = load_draft_model("target", bundled.model, "int8", out)
     assert isinstance(q.layers[0].w2, QuantLinear) and q.layers[0].ffn_norm is not bundled.model.layers[0].ffn_norm
+
+
+def test_naming_another_draft_drops_the_defaults_draft_settings():
+    """The embedded default tunes combine_min, the gguf model draft and one-row budgets for its
+    n-gram + gguf draft; `--draft X` gets X's defaults for those (the n-gram: budget 48), not an
+    invalid mix; flags given keep their values, and other flags keep the default's draft."""
+    from argparse import Namespace
+
+    from mirror.cli import spec_from_args
+
+    base = DeploymentConfig.local().speculative
+    ng = spec_from_args(Namespace(draft="ngram"), base)
+    assert (ng.draft, ng.combine_min, ng.draft_quant, ng.draft_model, ng.pre_budget, ng.budget) == \
+        ("ngram", 0.0, "none", None, 0, 48)
+    assert ng.exit_head == base.exit_head and ng.method == base.method and ng.gamma == base.gamma
+    assert spec_from_args(Namespace(draft="ngram", budget=4), base).budget == 4
+    same = spec_from_args(Namespace(gamma=3), base)
+    assert (same.draft, same.combine_min, same.budget, same.gamma) == (base.draft, base.combine_min, base.budget, 3)

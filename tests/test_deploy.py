@@ -114,6 +114,12 @@ def test_another_model_drops_the_defaults_bundled_artifacts():
     assert other.speculative.exit_head is None and other.speculative.ngram_datastore is None
     assert other.speculative.exit_trim is None and other.speculative.method == local.speculative.method
     assert local.speculative.exit_quant == "int8" and other.speculative.exit_quant == "none"
+    # the default's combined draft drafts with the model's own GGUF blocks: kept for a GGUF file,
+    # dropped (the n-gram alone) for a Hugging Face folder
+    assert local.speculative.draft == "ngram+model" and local.speculative.draft_quant == "gguf"
+    assert (other.speculative.draft, other.speculative.draft_quant) == ("ngram+model", "gguf")
+    hf = local.with_model("some/hf_folder").speculative
+    assert (hf.draft, hf.draft_model, hf.draft_quant) == ("ngram", None, "none") and hf.gamma == local.speculative.gamma
 
 
 def test_bundled_artifacts_exist_and_load(bundled):

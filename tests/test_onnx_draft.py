@@ -672,20 +672,38 @@ def test_gguf_graph_attends_like_the_target_in_steps_chunks_and_branch_rows(tmp_
             net.forward_branch(torch.tensor([[3]]), torch.tensor([[14]]), cache, 0, torch.tensor([12]), buf, 12, row0=2)
 
 
-def test_gguf_draft_needs_the_onnx_backend_and_a_gguf_file(tmp_path, monkeypatch):
+def test_gguf_draft_runs_under_onnx_runtime_whatever_the_backend_and_needs_gguf_blocks(tmp_path, monkeypatch):
+    """The file's blocks have no PyTorch kernel: draft_backend=torch still gets the built graph.
+    A model not loaded from a GGUF file, or a GGUF file without quantized blocks, is refused -
+    except in a combined n-gram + gguf draft (the embedded default), which then runs its n-gram
+    part alone, losslessly."""
     from dataclasses import replace
 
-    from helpers import tiny_model
+    from helpers import byte_tokenizer, tiny_model, write_gguf
 
-    from mirror.decoding.factory import build_draft_net
+    from mirror.decoding.drafters.ngram import NgramDrafter
+    from mirror.decoding.factory import build_draft_net, build_drafter
+    from mirror.models import load_model
+    from mirror.onnx.gguf_net import GgufDraftNet
 
+    monkeypatch.setenv("MIRROR_ONNX_CACHE", str(tmp_path / "cache"))
     _, target = _gguf_target(tmp_path, "Q4_1")
     spec = SpecConfig(method="sd", draft="model", draft_model="target", draft_quant="gguf")
-    with pytest.raises(ValueError, match="set draft_backend=onnx"):
-        build_draft_net(target, spec, "model")
-    monkeypatch.setenv("MIRROR_ONNX_CACHE", str(tmp_path / "cache"))
+    assert spec.draft_backend == "torch" and isinstance(build_draft_net(target, spec, "model"), GgufDraftNet)
     with pytest.raises(ValueError, match="not loaded from a GGUF file"):
-        build_draft_net(tiny_model("tiny"), replace(spec, draft_backend="onnx", onnx_max_len=64), "model")
+        build_draft_net(tiny_model("tiny"), replace(spec, draft_backend="onnx"), "model")
+    f32 = str(tmp_path / "tiny-f32.gguf")
+    write_gguf(tiny_model("tiny", seed=5), f32, qtype="F32")
+    plain = load_model(f32, tokenizer=False).model
+    with pytest.raises(ValueError, match="holds none of this model's linear layers"):
+        build_draft_net(plain, spec, "model")
+    tok = byte_tokenizer()
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    combined = replace(spec, method="mirror", draft="ngram+model", combine_min=1.2, kappa=4, budget=4)
+    for model in (tiny_model("tiny", seed=5), plain):
+        assert isinstance(build_drafter(model, combined, params, 64), NgramDrafter)
+        res = generate(model, tok, [5, 6, 7, 8, 5, 6, 7], params, combined)
+        assert res.ids == generate(model, tok, [5, 6, 7, 8, 5, 6, 7], params).ids
 
 
 def test_every_linear_of_the_bundled_model_is_found_in_its_gguf_blocks(bundled):

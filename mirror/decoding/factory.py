@@ -32,7 +32,7 @@ def load_draft_model(path: str, target: Transformer, quant: str = "none", int8_c
     key = (path if path != "target" else ("target", id(target)), quant, int8_calib)
     if quant == "gguf":
         raise ValueError("draft_quant=gguf runs the GGUF file's own 4-bit blocks under ONNX Runtime "
-                         "(MatMulNBits): set draft_backend=onnx")
+                         "(MatMulNBits), not as a PyTorch model")
     if key not in _DRAFT_MODELS:
         if quant != "none":
             from ..models.quant import quantized_copy
@@ -104,6 +104,17 @@ def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNe
     (an OrtDraftNet, which NetworkDrafter drives the same way)."""
     from .artifacts import load_draft_artifact
 
+    if spec.draft_quant == "gguf" and kind == "model" and spec.draft_backend != "onnx":
+        # the file's blocks run only under ONNX Runtime: on the CPU a graph built here, whatever
+        # draft_backend says (PyTorch has no kernel for them)
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise ValueError("draft_quant=gguf runs the GGUF file's own 4-bit blocks under ONNX Runtime: "
+                             "pip install 'mirror-sd[onnx]'")
+        from ..onnx.runtime import gguf_draft_for_spec
+
+        return gguf_draft_for_spec(target, spec, kind)
     if spec.draft_backend == "onnx":
         from ..onnx.runtime import ort_draft_for_spec
 
@@ -123,6 +134,26 @@ def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNe
         attach_streams(net, art.streams if art is not None and art.streams is not None else None,
                        n_streams=spec.streams or 2, n_layers=spec.stream_layers)
     return net
+
+
+def network_or_ngram(target: Transformer, spec: SpecConfig, kind: str):
+    """(spec, net) for a draft's network. A combined n-gram + gguf draft (the embedded default)
+    whose model has no quantized GGUF blocks - another model, an fp32 file - runs its n-gram
+    part alone, with a warning: (spec with draft "ngram", None). Any other failure is an error."""
+    try:
+        return spec, build_draft_net(target, spec, kind)
+    except ValueError as e:
+        if "ngram" not in spec.draft.split("+") or spec.draft_quant != "gguf":
+            raise
+        log.warning("%s: the n-gram + gguf draft runs its n-gram part alone", e)
+        return ngram_part(spec), None
+
+
+def ngram_part(spec: SpecConfig) -> SpecConfig:
+    """A combined draft's spec without its network (see network_or_ngram)."""
+    import dataclasses
+
+    return dataclasses.replace(spec, draft="ngram", draft_model=None, draft_quant="none", combine_min=0.0)
 
 
 def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams, max_len: int,
@@ -145,8 +176,11 @@ def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams,
         ngram = NgramDrafter(params, spec.ngram_min, spec.ngram_max, datastore=store, stop=stop, score=score)
     net_kind = next((k for k in kinds if k != "ngram"), None)
     network = None
+    if net_kind is not None and net is None:
+        spec, net = network_or_ngram(target, spec, net_kind)
+        if net is None:
+            return ngram
     if net_kind is not None:
-        net = net or build_draft_net(target, spec, net_kind)
         if net_kind == "streaming":
             from .drafters.streaming import StreamingDrafter
 

@@ -97,6 +97,8 @@ def build_graph(model, keep_ids: torch.Tensor | None = None, accuracy_level: int
             proto.graph.initializer[j].CopyFrom(numpy_helper.from_array(graph.external[init.name], init.name))
     table = table if table is not None else BlockTable(model.source_file)
     counts = convert_graph(proto, table, accuracy_level)
+    if not counts["converted"]:
+        raise ValueError(f"{model.source_file} holds none of this model's linear layers as Q4_0/Q4_1/Q8_0 blocks")
     return proto, counts
 
 

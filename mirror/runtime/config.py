@@ -159,6 +159,11 @@ class DeploymentConfig:
         if "exit_trim" in drop:  # (quantizes the trimmed head: nothing left to quantize)
             drop["exit_quant"] = "none"
         spec = dataclasses.replace(self.speculative, **drop)
+        if spec.draft_quant == "gguf" and spec.draft_model == "target" and "ngram" in spec.draft.split("+") \
+                and not str(model).endswith(".gguf"):  # no GGUF blocks to draft with: the n-gram alone
+            from ..decoding.factory import ngram_part
+
+            spec = ngram_part(spec)
         return dataclasses.replace(self, model=model, speculative=spec)
 
     @classmethod
@@ -185,9 +190,10 @@ class DeploymentConfig:
         return cls(name="local", placement="STRICT_PACK",
                    target=TargetConfig(num_cpus=1, threads=1, cpu_affinity=[0]),
                    draft=DraftConfig(backend="onnx", num_cpus=1, threads=1, cpu_affinity=[1], deadline_ms=2000.0),
-                   speculative=SpecConfig(method="mirror", draft="ngram", gamma=5, kappa=8, budget=48,
-                                          ngram_datastore="bundled", exit_head="bundled", exit_trim="bundled",
-                                          exit_quant="int8"))
+                   speculative=SpecConfig(method="mirror", draft="ngram+model", combine_min=1.2, draft_model="target",
+                                          draft_quant="gguf", pre_budget=1, budget=1, branch_batch=1, gamma=5,
+                                          kappa=8, ngram_datastore="bundled", exit_head="bundled",
+                                          exit_trim="bundled", exit_quant="int8"))
 
     @classmethod
     def load(cls, path: str) -> "DeploymentConfig":

@@ -178,25 +178,37 @@ class DraftWorker:
         self.target_backend = self.deploy.target.resolve_backend(self.deploy.dtype)
         self._nets: dict = {}
         self._lock = threading.Lock()
+        if self.deploy.speculative.draft_quant == "gguf":  # the default's gguf graph: built now (~6 s), not
+            try:                                              # on the first request
+                self._network(self._apply_backend(self.deploy.speculative))
+            except Exception as e:  # noqa: BLE001 - a request naming this draft gets the error
+                log.warning("the deployment's draft network could not be built: %s", e)
         self.server = DraftServer(self._make_pipeline, host=host, port=0).start()
         self.addr = f"{ray.util.get_node_ip_address()}:{self.server.port}"
 
     def _make_pipeline(self, req):
-        from ..decoding.factory import build_draft_net, build_drafter
+        from ..decoding.factory import build_drafter
         from ..decoding.speculative import DraftPipeline
 
-        spec = self._apply_backend(req.spec)
-        kind = next((k for k in spec.draft.split("+") if k != "ngram"), None)
-        net = None
-        if kind is not None:
-            key = (kind, spec.draft_layers, spec.draft_model, spec.adapter, spec.vocab_trim, spec.streams,
-                   spec.stream_layers, getattr(spec, "draft_backend", "torch"), spec.draft_quant, spec.int8_calib)
-            with self._lock:  # one network per draft configuration, shared by sessions
-                if key not in self._nets:
-                    self._nets[key] = build_draft_net(self.lm.model, spec, kind)
-                net = self._nets[key]
+        spec, net = self._network(self._apply_backend(req.spec))
         return DraftPipeline(build_drafter(self.lm.model, spec, req.params, req.max_len, net=net,
                                            target_backend=self.target_backend), spec)
+
+    def _network(self, spec: SpecConfig):
+        """(spec, the draft's network or None): one network per draft configuration, shared by
+        sessions (a combined n-gram + gguf draft whose model has no GGUF blocks: n-gram alone)."""
+        from ..decoding.factory import network_or_ngram, ngram_part
+
+        kind = next((k for k in spec.draft.split("+") if k != "ngram"), None)
+        if kind is None:
+            return spec, None
+        key = (kind, spec.draft_layers, spec.draft_model, spec.adapter, spec.vocab_trim, spec.streams,
+               spec.stream_layers, getattr(spec, "draft_backend", "torch"), spec.draft_quant, spec.int8_calib)
+        with self._lock:
+            if key not in self._nets:
+                self._nets[key] = network_or_ngram(self.lm.model, spec, kind)[1]
+            net = self._nets[key]
+        return (spec, net) if net is not None else (ngram_part(spec), None)
 
     def _apply_backend(self, spec: SpecConfig) -> SpecConfig:
         return draft_placement(self.deploy.draft, spec)
