@@ -46,7 +46,7 @@ def build_engine(args):
     from .runtime.config import DeploymentConfig
 
     # requests that name no method or setting get the embedded default's speculative settings
-    # (deploy/local.yaml: Mirror-SD, n-gram draft + datastore, trained exit head), as `mirror
+    # (deploy/local.yaml: Mirror-SD, n-gram + gguf draft, trained exit head), as `mirror
     # generate` does; flags override them
     base = DeploymentConfig.local()
     if args.model:
