@@ -8,7 +8,7 @@ agreement with the fp32 target (teacher-forced) and the exact tau of greedy vani
 target backends, one thread). Measured twice: the static-shape export (what an NPU provider
 runs) and the graph the CPU provider builds on first use (mirror/onnx/gguf_net.py).
 
-    python -m benchmarks.gguf_draft --out runs/gguf_draft        # ~6 min on 2 cores (export on first use)
+    python -m benchmarks.gguf_draft --out runs/gguf_draft        # ~3 min on 2 cores (export on first use)
 
 `--export DIR` adds other exported drafts (e.g. `mirror export-draft --draft model --draft-model
 target --draft-quant int8 --int8-calib bundled --max-len 1024 --out DIR`) to the same table.

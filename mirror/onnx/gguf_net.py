@@ -9,7 +9,7 @@ per layer an RMSNorm, the file's 4-bit blocks as MatMulNBits (blocks.py), RoPE
 (com.microsoft RotaryEmbedding) and com.microsoft GroupQueryAttention over a cache buffer it
 shares with the host (the same memory bound as its past and present K/V: new entries are
 written in place, and attention reads only the positions up to the call's last one). On the
-bundled model it drafts a token in ~9-13 ms at 128-1000 cached positions (one thread), where
+bundled model it drafts a token in 10-14 ms at 128-900 cached positions (one thread), where
 the static 1024-position export takes ~17 and the 2048 one ~23.
 
 Mirror-SD's branch rows (`forward_branch`) go through the same graph: a call's hypothesis
