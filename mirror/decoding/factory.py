@@ -104,18 +104,13 @@ def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNe
     (an OrtDraftNet, which NetworkDrafter drives the same way)."""
     from .artifacts import load_draft_artifact
 
-    if spec.draft_quant == "gguf" and kind == "model" and spec.draft_backend != "onnx":
-        # the file's blocks run only under ONNX Runtime: on the CPU a graph built here, whatever
-        # draft_backend says (PyTorch has no kernel for them)
-        import importlib.util
+    gguf = spec.draft_quant == "gguf" and kind == "model"
+    if spec.draft_backend == "onnx" or gguf:  # the file's blocks have no PyTorch kernel: ONNX Runtime
+        import importlib.util                 # runs them whatever draft_backend says
 
-        if importlib.util.find_spec("onnxruntime") is None:
+        if gguf and importlib.util.find_spec("onnxruntime") is None:
             raise ValueError("draft_quant=gguf runs the GGUF file's own 4-bit blocks under ONNX Runtime: "
                              "pip install 'mirror-sd[onnx]'")
-        from ..onnx.runtime import gguf_draft_for_spec
-
-        return gguf_draft_for_spec(target, spec, kind)
-    if spec.draft_backend == "onnx":
         from ..onnx.runtime import ort_draft_for_spec
 
         return ort_draft_for_spec(target, spec, kind)

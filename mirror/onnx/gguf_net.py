@@ -32,8 +32,7 @@ import torch
 
 from ..decoding.drafters.network import DraftNet
 from ..models.kv_cache import KVCache
-
-NEG = float(np.finfo(np.float32).min)
+from ..models.ort_target import NEG
 
 
 def build_graph(model, keep_ids: torch.Tensor | None = None, accuracy_level: int = 4, table=None):
@@ -144,10 +143,8 @@ class GgufDraftNet:
         self.L, self.n_kv, self.hd = model.cfg.n_layers, model.cfg.n_kv_heads, model.cfg.head_dim
         self.keep_ids = keep_ids
         self.max_positions = int(model.rope_cos.shape[0])  # RoPE table: logical positions < this
-        self.source_file = model.source_file
         proto, self.counts = build_graph(model, keep_ids, accuracy_level)
-        self.requests = parse_providers(providers)
-        self.sess, st = create_session(proto.SerializeToString(), self.requests, strict=strict,
+        self.sess, st = create_session(proto.SerializeToString(), parse_providers(providers), strict=strict,
                                        intra_threads=intra_threads, inter_threads=inter_threads)
         self.binding = self.sess.io_binding()
         self._bound: tuple | None = None  # the cache buffers bound as past/present K/V
