@@ -503,7 +503,7 @@ def plot_speedups(summary: dict, labels: list[str], path: str, title: str = "") 
     for i, lb in enumerate(shown):
         xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(cats))]
         ys = [summary[c][lb]["speedup"] or 0.0 for c in cats]
-        bars = ax.bar(xs, ys, width, label=lb)
+        bars = ax.bar(xs, ys, width, label=legend_label(lb))
         for b, y in zip(bars, ys):
             ax.text(b.get_x() + b.get_width() / 2, y, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
@@ -513,12 +513,18 @@ def plot_speedups(summary: dict, labels: list[str], path: str, title: str = "") 
     ax.set_title(title or "Spec-Bench speedup by category")
     ax.set_ylim(0, 1.12 * max([summary[c][lb]["speedup"] or 0.0 for c in cats for lb in shown] + [1.0]))
     if shown:  # below the axes: long method labels must not cover the bars' figures
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1 if len(shown) > 3 else len(shown),
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1 if len(shown) > 3 or max(map(len, shown)) > 40 else len(shown),
                   frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # grows the canvas to hold the legend
     plt.close(fig)
     return path
+
+
+def legend_label(label: str, width: int = 110) -> str:
+    """A method label for the chart's legend: a long spec wrapped at its commas."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(label.replace(",", ", "), width, break_on_hyphens=False)).replace(", ", ",")
 
 
 # ---------------------------------------------------------------------------------------------

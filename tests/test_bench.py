@@ -219,6 +219,16 @@ def test_parse_method():
         bench.parse_method("sd:ngram@gamma", {})
 
 
+def test_legend_label_wraps_long_specs_at_commas_and_keeps_every_character():
+    long = "mirror:ngram+model@" + ",".join(f"setting_{i}=value_{i}" for i in range(12))
+    wrapped = bench.legend_label(long, width=60)
+    lines = wrapped.split("\n")
+    assert len(lines) > 1 and all(len(ln) <= 60 for ln in lines)
+    assert all(ln.endswith(",") for ln in lines[:-1])  # broken after a comma, never inside a setting
+    assert "".join(lines) == long
+    assert bench.legend_label("sd:ngram") == "sd:ngram"
+
+
 def test_alpha_fit_inverts_expected_tau():
     for a in (0.0, 0.3, 0.8):
         assert fit_alpha(expected_tau(a, 5), 5) == pytest.approx(a, abs=1e-6)
