@@ -513,7 +513,8 @@ def plot_speedups(summary: dict, labels: list[str], path: str, title: str = "") 
     ax.set_title(title or "Spec-Bench speedup by category")
     ax.set_ylim(0, 1.12 * max([summary[c][lb]["speedup"] or 0.0 for c in cats for lb in shown] + [1.0]))
     if shown:  # below the axes: long method labels must not cover the bars' figures
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1 if len(shown) > 3 or max(map(len, shown)) > 40 else len(shown),
+        one_column = len(shown) > 3 or max(map(len, shown)) > 40  # long specs: one method a line
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1 if one_column else len(shown),
                   frameon=False)
     fig.savefig(path, dpi=120, bbox_inches="tight")  # grows the canvas to hold the legend
     plt.close(fig)
