@@ -101,12 +101,14 @@ def draft_keep_ids(spec: SpecConfig, kind: str, art=None) -> torch.Tensor | None
 def build_draft_net(target: Transformer, spec: SpecConfig, kind: str) -> DraftNet:
     """The network of a 'self', 'model' or 'streaming' draft, with its trained parts if given:
     a DraftNet, or with draft_backend="onnx" the same network exported and run by ONNX Runtime
-    (an OrtDraftNet, which NetworkDrafter drives the same way)."""
+    (an OrtDraftNet, which NetworkDrafter drives the same way). A draft_quant="gguf" model draft
+    always goes to ONNX Runtime, whatever draft_backend says: PyTorch has no kernel for the GGUF
+    file's blocks (`ort_draft_for_spec` picks the graph built for the CPU or the static export)."""
     from .artifacts import load_draft_artifact
 
     gguf = spec.draft_quant == "gguf" and kind == "model"
-    if spec.draft_backend == "onnx" or gguf:  # the file's blocks have no PyTorch kernel: ONNX Runtime
-        import importlib.util                 # runs them whatever draft_backend says
+    if spec.draft_backend == "onnx" or gguf:
+        import importlib.util
 
         if gguf and importlib.util.find_spec("onnxruntime") is None:
             raise ValueError("draft_quant=gguf runs the GGUF file's own 4-bit blocks under ONNX Runtime: "
