@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from .blocks import LAYOUT as BLOCKS_LAYOUT
 from .graphs import BranchGraph, StepGraph, StreamGraph
 
 FORMAT = "mirror-onnx-draft"
@@ -397,7 +398,7 @@ def export_quant(spec, target=None) -> dict | None:
     if spec.draft_quant == "gguf":
         path = gguf_source(spec, target)
         return {"mode": "gguf", "file": {"path": path, "sha256": _file_sha256(path)},
-                "accuracy_level": GGUF_ACCURACY_LEVEL}
+                "accuracy_level": GGUF_ACCURACY_LEVEL, "layout": BLOCKS_LAYOUT}
     calib = None
     if spec.int8_calib:
         from ..models.bundled import resolve_artifact
@@ -440,7 +441,7 @@ def cached_export(target, spec, kind: str | None = None, rows: int | None = None
     net = export_net(target, spec, kind)
     v = _versions()
     key = {"target": config_fingerprint(target.cfg), "weights": _weights_sha256(net), "kind": kind,
-           "quant": [spec.draft_quant, GGUF_ACCURACY_LEVEL if spec.draft_quant == "gguf" else None],
+           "quant": [spec.draft_quant, [GGUF_ACCURACY_LEVEL, BLOCKS_LAYOUT] if spec.draft_quant == "gguf" else None],
            "ort": v.get("onnxruntime") if spec.draft_quant != "none" else None,
            "streams": [spec.streams, spec.stream_layers] if kind == "streaming" else None,
            "shapes": [rows, step_width, window_width, max_len], "format": VERSION,
