@@ -10,6 +10,9 @@ runs) and the graph the CPU provider builds on first use (mirror/onnx/gguf_net.p
 
     python -m benchmarks.gguf_draft --out runs/gguf_draft        # ~3 min on 2 cores (export on first use)
 
+`--uncentred` adds the built graph with Q4_1 blocks at zero point 0 (the layout before blocks.py
+centred them on 8): the same weights, more int8 rounding error.
+
 `--export DIR` adds other exported drafts (e.g. `mirror export-draft --draft model --draft-model
 target --draft-quant int8 --int8-calib bundled --max-len 1024 --out DIR`) to the same table.
 """
@@ -42,6 +45,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--gamma", type=int, default=5)
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 900], help="cached positions for the timing")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--uncentred", action="store_true",
+                    help="also the built graph with Q4_1 at zero point 0 (the layout before centring)")
     args = ap.parse_args(argv)
     for name in ("holdout", "gamma", "reps", "max_len"):
         if getattr(args, name) <= 0:
@@ -83,6 +88,12 @@ def main(argv=None) -> dict:
     built = GgufDraftNet(t)
     measure("gguf blocks, built graph (GroupQueryAttention, dynamic shapes)", built, 1 << 30, mode="gguf-built",
             build_s=built.build_s)
+    if args.uncentred:  # Q4_1 with zero point 0 (blocks.py before layout 2): the same weights
+        del built
+        built = GgufDraftNet(t, centre=False)
+        measure("gguf blocks, built graph, Q4_1 uncentred (zero point 0)", built, 1 << 30,
+                mode="gguf-built-uncentred", build_s=built.build_s)
+    del built
     for d in dirs:
         meta = read_metadata(d)
         mode = (meta.get("quant") or {}).get("mode", "fp32")

@@ -558,53 +558,37 @@ def test_gguf_blocks_replace_the_files_weights_and_keep_the_rest(qtype, tmp_path
 def test_gguf_q4_1_blocks_run_centred_so_int8_rounding_errors_cancel(tmp_path):
     """Q4_1's codes are all positive (w = d*q + m); convert_graph runs them centred on
     MatMulNBits' default zero point 8 with the offset term taking m + 8d. The weights are the
-    same either way (level 0 gives the fp32 product), but with int8 activations (level 4) the
-    centred form's error is well below the zero-point-0 form's, built here by hand."""
+    same as in the zero-point-0 layout (`centre=False`): in fp32 arithmetic (level 0) both give
+    the fp32 product. With int8 activations (level 4) the centred error is well below the other's."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from mirror.models.ort_target import join_global_pool
-    from mirror.onnx.blocks import BLOCK, BlockTable, convert_graph
+    from mirror.onnx.blocks import BlockTable, convert_graph
 
     path, target = _gguf_target(tmp_path, "Q4_1")
     table = BlockTable(path)
     w = target.layers[0].w13.weight.detach().numpy()  # [N, K]
-    hit = table.lookup(w)
-    n, k = w.shape
-    nb = k // BLOCK
-    x = np.random.default_rng(2).standard_normal((1, 64, k)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((1, 64, w.shape[1])).astype(np.float32)
     ref = x @ w.T
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     join_global_pool(so)
-    vi = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-
-    def run(g) -> np.ndarray:
-        return ort.InferenceSession(helper.make_model(g, opset_imports=opsets).SerializeToString(), so).run(
-            None, {"x": x})[0]
-
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="file")], "g", [vi("x", list(x.shape))],
-                          [vi("y", None)], [numpy_helper.from_array(w.T.copy(), "w")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    assert convert_graph(m, table, accuracy_level=4)["converted"] == 1
-    (mnb,) = [nd for nd in m.graph.node if nd.op_type == "MatMulNBits"]
-    assert len(mnb.input) == 3  # no zero_points input: the default 8
-    centred = run(m.graph)
-    # the zero-point-0 form: explicit zero points 0 and the plain offsets m
-    codes = hit.codes[..., 0::2] | (hit.codes[..., 1::2] << 4)
-    inits = [numpy_helper.from_array(np.ascontiguousarray(codes, dtype=np.uint8), "B"),
-             numpy_helper.from_array(hit.scale.reshape(-1).astype(np.float32), "S"),
-             numpy_helper.from_array(np.zeros(n * ((nb + 1) // 2), np.uint8), "Z"),
-             numpy_helper.from_array(np.kron(np.eye(nb, dtype=np.float32), np.ones((BLOCK, 1), np.float32)), "BS"),
-             numpy_helper.from_array(np.ascontiguousarray(hit.offset.T), "M")]
-    nodes = [helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y0"], domain="com.microsoft", K=k, N=n, bits=4,
-                              block_size=BLOCK, accuracy_level=4),
-             helper.make_node("MatMul", ["x", "BS"], ["s"]), helper.make_node("MatMul", ["s", "M"], ["o"]),
-             helper.make_node("Add", ["y0", "o"], ["y"])]
-    uncentred = run(helper.make_graph(nodes, "u", [vi("x", list(x.shape))], [vi("y", None)], inits))
-    err = lambda y: float(np.sqrt(((y - ref) ** 2).mean() / (ref ** 2).mean()))  # noqa: E731
-    assert err(centred) < 0.7 * err(uncentred), (err(centred), err(uncentred))
+    err = {}
+    for level in (0, 4):
+        for centre in (True, False):
+            g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="file")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(w.T.copy(), "w")])
+            m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+            assert convert_graph(m, table, accuracy_level=level, centre=centre)["converted"] == 1
+            (mnb,) = [nd for nd in m.graph.node if nd.op_type == "MatMulNBits"]
+            assert len(mnb.input) == (3 if centre else 4)  # centred: no zero_points input, the default 8
+            y = ort.InferenceSession(m.SerializeToString(), so).run(None, {"x": x})[0]
+            err[level, centre] = float(np.sqrt(((y - ref) ** 2).mean() / (ref ** 2).mean()))
+    assert err[0, True] < 1e-6 and err[0, False] < 1e-6, err
+    assert err[4, True] < 0.7 * err[4, False], err
 
 
 def test_gguf_draft_export_is_lossless_and_converts_every_linear(tmp_path, monkeypatch):

@@ -131,9 +131,10 @@ class BlockTable:
                        pick([x.offset for x in ts]) if ts[hits[0][0]].offset is not None else None)
 
 
-def convert_graph(model, table: BlockTable, accuracy_level: int = 4) -> dict:
+def convert_graph(model, table: BlockTable, accuracy_level: int = 4, centre: bool = True) -> dict:
     """Rewrite `model` (an onnx ModelProto with inline weights) in place: each constant-weight
-    MatMul / Gemm(transB=1) found in `table` becomes MatMulNBits. Returns counts."""
+    MatMul / Gemm(transB=1) found in `table` becomes MatMulNBits. Returns counts. `centre=False`:
+    Q4_1 with zero point 0 and offsets m, the earlier layout (kept for benchmarks.gguf_draft)."""
     from onnx import helper, numpy_helper
 
     g = model.graph
@@ -172,6 +173,8 @@ def convert_graph(model, table: BlockTable, accuracy_level: int = 4) -> dict:
                const(np.ascontiguousarray(hit.scale.reshape(-1), dtype=np.float32), "scales")]
         # no zero_points input: MatMulNBits' default 2^(bits-1) is Q4_0's 8 and Q8_0's 128, and
         # Q4_1 runs centred on it too (its offset term below takes the difference)
+        if hit.offset is not None and not centre:
+            ins.append(const(np.zeros((n_rows * ((nb + 1) // 2),), dtype=np.uint8), "zero_points"))
         out = node.output[0]
         main = out if hit.offset is None else f"{out}_gguf_blocks"
         level = 4 if hit.bits == 8 else accuracy_level
@@ -182,7 +185,7 @@ def convert_graph(model, table: BlockTable, accuracy_level: int = 4) -> dict:
             s = f"{out}_gguf_block_sums"
             nodes.append(helper.make_node("MatMul", [x, const(sums, "block_sum")], [s], name=f"{base}_sums"))
             o = f"{out}_gguf_offsets"
-            nodes.append(helper.make_node("MatMul", [s, const(np.ascontiguousarray((hit.offset + 8 * hit.scale).T), "offsets")], [o],
+            nodes.append(helper.make_node("MatMul", [s, const(np.ascontiguousarray((hit.offset + 8 * hit.scale if centre else hit.offset).T), "offsets")], [o],
                                           name=f"{base}_offsets"))
             nodes.append(helper.make_node("Add", [main, o], [out], name=f"{base}_add"))
     del g.node[:]

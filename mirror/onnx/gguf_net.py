@@ -35,7 +35,8 @@ from ..models.kv_cache import KVCache
 from ..models.ort_target import NEG
 
 
-def build_graph(model, keep_ids: torch.Tensor | None = None, accuracy_level: int = 4, table=None):
+def build_graph(model, keep_ids: torch.Tensor | None = None, accuracy_level: int = 4, table=None,
+                centre: bool = True):
     """The draft graph of `model` (a Transformer loaded from a GGUF file) with every linear
     layer that is one of the file's quantized tensors as MatMulNBits -> (ModelProto, counts).
 
@@ -95,7 +96,7 @@ def build_graph(model, keep_ids: torch.Tensor | None = None, accuracy_level: int
         if init.name in graph.external:
             proto.graph.initializer[j].CopyFrom(numpy_helper.from_array(graph.external[init.name], init.name))
     table = table if table is not None else BlockTable(model.source_file)
-    counts = convert_graph(proto, table, accuracy_level)
+    counts = convert_graph(proto, table, accuracy_level, centre)
     if not counts["converted"]:
         raise ValueError(f"{model.source_file} holds none of this model's linear layers as Q4_0/Q4_1/Q8_0 blocks")
     return proto, counts
@@ -135,7 +136,7 @@ class GgufDraftNet:
     batch_invariant = False
 
     def __init__(self, model, keep_ids: torch.Tensor | None = None, providers=None, *, strict: bool = False,
-                 intra_threads: int = 1, inter_threads: int = 1, accuracy_level: int = 4):
+                 intra_threads: int = 1, inter_threads: int = 1, accuracy_level: int = 4, centre: bool = True):
         from .providers import create_session, parse_providers
 
         t0 = time.perf_counter()
@@ -143,7 +144,7 @@ class GgufDraftNet:
         self.L, self.n_kv, self.hd = model.cfg.n_layers, model.cfg.n_kv_heads, model.cfg.head_dim
         self.keep_ids = keep_ids
         self.max_positions = int(model.rope_cos.shape[0])  # RoPE table: logical positions < this
-        proto, self.counts = build_graph(model, keep_ids, accuracy_level)
+        proto, self.counts = build_graph(model, keep_ids, accuracy_level, centre=centre)
         self.sess, st = create_session(proto.SerializeToString(), parse_providers(providers), strict=strict,
                                        intra_threads=intra_threads, inter_threads=inter_threads)
         self.binding = self.sess.io_binding()
