@@ -448,7 +448,27 @@ def summarize(records: list[dict], labels: list[str]) -> dict:
                 "miss_rate": misses / (hits + misses) if hits + misses else None,
                 "identical": None if any(v is None for v in ident) else sum(ident),
                 "new_tokens": sum(q["new_tokens"] for q in qs),
+                "degraded": sum(1 for q in qs if degraded_reason(q)),
             }
+    return out
+
+
+def degraded_reason(q: dict) -> str | None:
+    """Why a question's method ran without its draft (the runtime's `degraded`: the draft
+    failed and the target finished alone - same output, no speculation), or None."""
+    return next((t["metrics"].get("extra", {}).get("degraded") for t in q["turns"]
+                 if t["metrics"].get("extra", {}).get("degraded")), None)
+
+
+def degraded_warnings(summary: dict, records: list[dict], labels: list[str]) -> list[str]:
+    """One line per method with questions that ran degraded: their speedups do not measure it."""
+    out = []
+    for lb in labels:
+        n = summary.get("overall", {}).get(lb, {}).get("degraded", 0)
+        if n:
+            why = next(r for r in (degraded_reason(q["methods"][lb]) for q in records) if r)
+            out.append(f"{lb}: {n} of {summary['overall'][lb]['questions']} questions ran without their draft "
+                       f"(the target finished alone; first reason: {why}) - its figures do not measure the method")
     return out
 
 
@@ -456,7 +476,7 @@ def _f(v, fmt="{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def markdown(summary: dict, labels: list[str], config: dict) -> str:
+def markdown(summary: dict, labels: list[str], config: dict, records: list[dict] | None = None) -> str:
     cats = list(summary)
     lines = [f"# mirror bench: {config['questions_file']}", "",
              f"{config['n_questions']} questions, max_new_tokens {config['max_new_tokens']}, temperature "
@@ -468,6 +488,9 @@ def markdown(summary: dict, labels: list[str], config: dict) -> str:
              "| method | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
     for lb in labels:
         lines.append(f"| {lb} | " + " | ".join(_f(summary[c][lb]["speedup"], "{:.2f}x") for c in cats) + " |")
+    warn = degraded_warnings(summary, records or [], labels)
+    if warn:
+        lines += ["", "## Warning: the draft failed", ""] + [f"- {w}" for w in warn]
     other = [lb for lb in labels if summary[cats[-1]][lb].get("reference", BASELINE) != BASELINE]
     if other:
         lines += ["", "## Speedup over plain decoding on the same target backend", "",
@@ -665,6 +688,7 @@ def cmd_bench(args) -> int:
     summary = summarize(records, labels)
     paths = write_results(args.out, config, summary, records, labels)
     print(open(paths["md"]).read())
+    warn = degraded_warnings(summary, records, labels)
     if args.trace_one:
         spec_methods = sorted((m for m in methods if m.spec is not None), key=lambda m: m.spec.method != "mirror")
         if spec_methods:
@@ -680,7 +704,9 @@ def cmd_bench(args) -> int:
     print(f"wrote {', '.join(paths.values())}")
     if hasattr(engine, "close"):
         engine.close()
-    return 0
+    for w in warn:
+        print(f"mirror bench: warning: {w}", file=sys.stderr)
+    return 1 if warn else 0
 
 
 def write_results(out: str, config: dict, summary: dict, records: list[dict], labels: list[str]) -> dict:
@@ -689,7 +715,7 @@ def write_results(out: str, config: dict, summary: dict, records: list[dict], la
     with open(paths["json"], "w") as f:
         json.dump({"config": config, "summary": summary, "questions": records}, f, indent=1)
     with open(paths["md"], "w") as f:
-        f.write(markdown(summary, labels, config))
+        f.write(markdown(summary, labels, config, records))
     plot_speedups(summary, labels, paths["png"],
                   f"Spec-Bench speedup, {config['n_questions']} questions, {config['max_new_tokens']} tokens")
     return paths

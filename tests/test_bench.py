@@ -269,6 +269,37 @@ def test_mirror_trace_is_chrome_format_with_pipeline_spans(cli_model, tmp_path, 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+class DegradingEngine(bench.InProcessEngine):
+    """In-process, but every speculative request reports what the distributed runtime reports
+    when its draft worker fails: `degraded` (the target finished alone)."""
+
+    def generate(self, prompt_ids, params, spec):
+        res = super().generate(prompt_ids, params, spec)
+        if spec is not None and spec.method != "ar":
+            res.metrics.extra["degraded"] = "open: ConnectionError: draft worker down"
+        return res
+
+
+def test_bench_flags_methods_whose_draft_failed(cli_model, tmp_path, capsys, monkeypatch):
+    """A method whose requests ran without their draft still gives the target's output, so only
+    its speed is wrong: the summary counts those questions, results.md carries a warning and the
+    CLI warns on stderr and exits 1 instead of passing the figures off as a measurement."""
+    monkeypatch.setitem(bench.ENGINES, "degrading", DegradingEngine)
+    qfile = write_questions(tmp_path / "q.jsonl", QUESTIONS[:1])
+    out = tmp_path / "out"
+    rc = main(["bench", "--questions", qfile, "--methods", "ar", "sd:ngram", "--max-new-tokens", "8",
+               "--out", str(out), "--threads", "1", "--warmup", "0", "--no-progress", "--runtime", "degrading"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "sd:ngram: 1 of 1 questions ran without their draft" in err and "draft worker down" in err
+    res = json.loads((out / "results.json").read_text())
+    assert res["summary"]["overall"]["sd:ngram"]["degraded"] == 1
+    assert res["summary"]["overall"]["ar"]["degraded"] == 0
+    assert res["summary"]["overall"]["sd:ngram"]["identical"] == 1  # the output is still the target's
+    md = (out / "results.md").read_text()
+    assert "## Warning: the draft failed" in md and "- sd:ngram: 1 of 1 questions" in md
+
+
 # --- peers -----------------------------------------------------------------------------------
 def test_peers_without_transformers_say_how_to_install(bundled, monkeypatch):
     from benchmarks.peers import PeersUnavailable, peer_methods
