@@ -39,7 +39,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
     """Speculative settings; each one given overrides the base config (see spec_from_args)."""
-    from .spec_config import DRAFT_BACKENDS, DRAFTS, METHODS, ROLLOUT_STOPS, RULES
+    from .spec_config import DRAFT_BACKENDS, DRAFT_PREFILLS, DRAFTS, METHODS, ROLLOUT_STOPS, RULES
 
     S = argparse.SUPPRESS
     g = p.add_argument_group("speculative decoding (defaults: the deployment config's)")
@@ -75,6 +75,10 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--verify-cut", type=int, default=S,
                    help="Mirror-SD: verify the window only up to the first draft token outside the early "
                         "exit's top-N at its position (0: the whole window)")
+    g.add_argument("--draft-prefill", default=S, choices=DRAFT_PREFILLS,
+                   help="how a network draft prefills the prompt: fp32 (its model's full-precision graph: exact KV, "
+                        "faster at prompt widths), draft (its own graph), auto (fp32 where the draft holds those "
+                        "weights - the gguf draft on the CPU - and the prompt is long enough; the default)")
     g.add_argument("--rollout-stop", default=S, choices=ROLLOUT_STOPS,
                    help="distributed Mirror-SD: end branch rollouts at the verdict, or also before a draft "
                         "step predicted to end after it (predict, the default)")
@@ -99,7 +103,7 @@ _SPEC_FLAGS = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "bra
                "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers",
                "rule", "draft_backend", "onnx_dir", "onnx_providers", "onnx_strict", "onnx_threads", "onnx_max_len",
                "ngram_datastore", "exit_trim", "rollout_stop", "pre_budget", "window_stop", "draft_quant",
-               "int8_calib", "combine_min", "verify_cut")
+               "int8_calib", "combine_min", "verify_cut", "draft_prefill")
 
 
 # settings the embedded default chose for its own draft (the n-gram + gguf draft), dropped when

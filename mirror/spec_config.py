@@ -10,6 +10,7 @@ ROLLOUT_STOPS = ("predict", "verdict")
 DRAFT_BACKENDS = ("torch", "onnx")
 DRAFT_QUANTS = ("none", "int8", "gguf")
 EXIT_QUANTS = ("none", "int8")
+DRAFT_PREFILLS = ("auto", "fp32", "draft")
 
 
 @dataclass(slots=True)
@@ -33,6 +34,13 @@ class SpecConfig:
     # None: plain int8, much less accurate)
     draft_quant: str = "none"
     int8_calib: str | None = None
+    # How a network draft prefills the prompt: "fp32" runs the draft model's full-precision
+    # weights as an ONNX Runtime graph (the onnx target's: a GEMM at prefill widths, faster
+    # than the 4-bit blocks' int8 path, and the prompt's KV is the model's exact one); "draft"
+    # runs the draft's own graph; "auto" takes fp32 where the draft holds those weights (the
+    # built draft_quant=gguf graph on the CPU provider) and the prompt is long enough for it
+    # to pay (decoding.drafters.network.PREFILL_MIN), the draft's own graph otherwise.
+    draft_prefill: str = "auto"
     adapter: str | None = None  # trained self-draft / streaming artifact (safetensors)
     exit_head: str | None = None  # trained early-exit head artifact
     exit_trim: str | None = None  # VocabTrim set for the early-exit head (top-kappa among it)
@@ -124,6 +132,8 @@ class SpecConfig:
         if self.draft_quant != "none" and "model" not in self.draft:
             raise ValueError(f"draft_quant applies to a 'model' draft (e.g. draft=model, draft_model=target), "
                              f"not to {self.draft!r}")
+        if self.draft_prefill not in DRAFT_PREFILLS:
+            raise ValueError(f"unknown draft_prefill {self.draft_prefill!r}; choose one of {', '.join(DRAFT_PREFILLS)}")
         if self.exit_quant not in EXIT_QUANTS:
             raise ValueError(f"unknown exit_quant {self.exit_quant!r}; choose one of {', '.join(EXIT_QUANTS)}")
         if self.exit_quant != "none" and not self.exit_trim:

@@ -433,6 +433,11 @@ def test_messages_survive_the_wire():
     c = SpecConfig(method="mirror", draft="ngram+model", draft_model="target", draft_quant="int8", combine_min=1.25)
     assert spec_from_proto(spec_to_proto(c)) == c
     assert spec_from_proto(spec_to_proto(SPEC)) == SPEC
+    own = SpecConfig(method="sd", draft="model", draft_model="target", draft_quant="gguf", draft_prefill="draft")
+    assert spec_from_proto(spec_to_proto(own)).draft_prefill == "draft"
+    old_peer = spec_to_proto(own)
+    old_peer.ClearField("draft_prefill")  # a peer from before the field: the default
+    assert spec_from_proto(old_peer).draft_prefill == "auto"
     params = SamplingParams(max_new_tokens=9, temperature=0.7, top_k=5, top_p=0.9, seed=3)
     back = sampling_from_proto(sampling_to_proto(params))
     assert (back.temperature, back.top_k, back.top_p, back.seed, back.max_new_tokens) == (0.7, 5, 0.9, 3, 9)

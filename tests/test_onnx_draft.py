@@ -708,6 +708,56 @@ def test_gguf_graph_attends_like_the_target_in_steps_chunks_and_branch_rows(tmp_
             net.forward_branch(torch.tensor([[3]]), torch.tensor([[14]]), cache, 0, torch.tensor([12]), buf, 12, row0=2)
 
 
+def test_gguf_draft_prefills_long_prompts_with_the_exact_fp32_kv(tmp_path):
+    """draft_prefill (default "auto"): a prompt of PREFILL_MIN tokens or more goes through the
+    model's fp32 graph, so the draft's prompt K/V is the target's own (its 4-bit blocks are not);
+    a shorter prompt, the window's tokens and draft_prefill=draft use the blocks. Decoding stays
+    lossless, and fp32 is refused for a draft without those weights."""
+    from dataclasses import replace
+
+    from helpers import byte_tokenizer
+
+    from mirror.decoding.drafters.network import PREFILL_MIN
+    from mirror.decoding.factory import build_draft_net, build_drafter
+
+    _, target = _gguf_target(tmp_path, "Q4_1")
+    spec = SpecConfig(method="sd", draft="model", draft_model="target", draft_quant="gguf", gamma=3)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompt = torch.randint(1, 256, (PREFILL_MIN + 9,), generator=torch.Generator().manual_seed(3)).tolist()
+    n = len(prompt)
+    exact = target.new_cache(1, 128)
+    with torch.inference_mode():
+        target(torch.tensor([prompt]), torch.arange(n)[None], exact, kv_len=n)
+
+    def prompt_kv_error(sp, p):
+        d = build_drafter(target, sp, params, 128)
+        d.warm(p)
+        assert d.kv == len(p)
+        return max(_maxdiff(d.cache.k[:, :, :, :len(p)], exact.k[:, :, :, :len(p)]),
+                   _maxdiff(d.cache.v[:, :, :, :len(p)], exact.v[:, :, :, :len(p)])), d
+
+    err_fp32, d = prompt_kv_error(spec, prompt)
+    assert d.prefill and build_draft_net(target, spec, "model").status["prefill"]
+    err_blocks, _ = prompt_kv_error(replace(spec, draft_prefill="draft"), prompt)
+    assert err_fp32 < 1e-4 < 1e2 * err_fp32 < err_blocks
+    short, _ = prompt_kv_error(spec, prompt[:PREFILL_MIN - 1])  # below PREFILL_MIN: the blocks
+    assert short > 1e2 * err_fp32
+    with torch.inference_mode():
+        d.start(prompt + [7])  # warm's prompt KV is kept: the root and the window go through the blocks
+        w = d.propose(3)
+    assert len(w.ids) == 3 and d.kv == n + 3
+    tok = byte_tokenizer()
+    ar = generate(target, tok, prompt, params).ids
+    for prefill in ("auto", "fp32", "draft"):
+        for method in ("sd", "mirror"):
+            sp = replace(spec, method=method, draft_prefill=prefill, kappa=4, budget=4, pre_budget=1)
+            assert generate(target, tok, prompt, params, sp).ids == ar
+    with pytest.raises(ValueError, match="unknown draft_prefill"):
+        replace(spec, draft_prefill="int4")
+    with pytest.raises(ValueError, match="draft_prefill=fp32 needs"):
+        build_drafter(target, SpecConfig(method="sd", draft="self", draft_layers=1, draft_prefill="fp32"), params, 128)
+
+
 def test_gguf_draft_runs_under_onnx_runtime_whatever_the_backend_and_needs_gguf_blocks(tmp_path, monkeypatch):
     """The file's blocks have no PyTorch kernel: draft_backend=torch still gets the built graph.
     A model not loaded from a GGUF file, or a GGUF file without quantized blocks, is refused -

@@ -153,6 +153,19 @@ def ngram_part(spec: SpecConfig) -> SpecConfig:
     return dataclasses.replace(spec, draft="ngram", draft_model=None, draft_quant="none", combine_min=0.0)
 
 
+def draft_prefill(spec: SpecConfig, net) -> bool:
+    """Whether `net` prefills prompts with its model's fp32 graph (SpecConfig.draft_prefill):
+    "auto" where it can (the built gguf graph, whose model's weights are fp32 on the CPU)."""
+    if spec.draft_prefill == "draft":
+        return False
+    ok = bool(getattr(net, "can_prefill", False))
+    if spec.draft_prefill == "fp32" and not ok:
+        raise ValueError("draft_prefill=fp32 needs a draft that holds its model's fp32 weights: the "
+                         "draft_quant=gguf graph built for the CPU provider; this draft "
+                         f"({type(net).__name__}) prefills with its own graph (draft_prefill=draft)")
+    return ok
+
+
 def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams, max_len: int,
                   net: DraftNet | None = None, target_backend: str | None = None) -> Drafter:
     """`target_backend`: the backend the target verifies on, for the window stop's cost curve
@@ -178,16 +191,17 @@ def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams,
         if net is None:
             return ngram
     if net_kind is not None:
+        prefill = draft_prefill(spec, net)
         if net_kind == "streaming":
             from .drafters.streaming import StreamingDrafter
 
             network = StreamingDrafter(net, params, target.cfg.vocab_size, max_len, spec.confidence,
                                        max_rows=spec.budget + spec.pre_budget, gamma_max=spec.gamma,
-                                       own_k=spec.kappa if spec.pre_budget else 0)
+                                       own_k=spec.kappa if spec.pre_budget else 0, prefill=prefill)
         else:
             network = NetworkDrafter(net, params, target.cfg.vocab_size, max_len, spec.confidence,
                                      max_rows=spec.budget + spec.pre_budget, gamma_max=spec.gamma,
-                                     own_k=spec.kappa if spec.pre_budget else 0)
+                                     own_k=spec.kappa if spec.pre_budget else 0, prefill=prefill)
             network.name = net_kind
     if ngram is not None and network is not None:
         return CombinedDrafter(params, ngram, network, min_expected=spec.combine_min)

@@ -354,4 +354,8 @@ def gguf_draft_for_spec(target, spec, kind: str = "model"):
         net = GgufDraftNet(model, keep, spec.onnx_providers, strict=spec.onnx_strict,
                            intra_threads=spec.onnx_threads, inter_threads=spec.onnx_inter_threads)
         _NETS[key] = net
+    if spec.draft_prefill != "draft" and net.can_prefill:  # built now, not on the first prompt
+        # the in-process onnx target is the fp32 graph of this very model: shared, not built twice
+        same = spec.draft_model == "target" and getattr(target, "backend", None) == "onnx"
+        net.enable_prefill(target if same else None)
     return net

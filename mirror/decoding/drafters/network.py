@@ -131,6 +131,11 @@ def trimmed_head(head: Linear, keep_ids: torch.Tensor | None) -> Linear:
     return lin
 
 
+# draft_prefill: the shortest prompt the fp32 graph prefills (at 64 tokens it costs what the
+# bundled model's 4-bit blocks do, one AVX2 thread; below, the blocks are faster)
+PREFILL_MIN = 64
+
+
 class NetworkDrafter(Drafter):
     """State: `ctx` (committed tokens), `window` (the window under verification) and `kv`, the
     number of leading positions of ctx + window whose KV is valid in cache row 0. The root
@@ -140,9 +145,12 @@ class NetworkDrafter(Drafter):
     name = "network"
 
     def __init__(self, net: DraftNet, params: SamplingParams, vocab: int, max_len: int,
-                 confidence: float = 0.0, max_rows: int = 16, gamma_max: int = 16, own_k: int = 8):
+                 confidence: float = 0.0, max_rows: int = 16, gamma_max: int = 16, own_k: int = 8,
+                 prefill: bool = False):
         super().__init__(params)
         self.net, self.vocab = net, vocab
+        # prompts of at least PREFILL_MIN tokens prefill through `net.prefill` (SpecConfig.draft_prefill)
+        self.prefill = prefill
         self.confidence = confidence
         self.cache = net.new_cache(1, max_len + gamma_max + 4)
         self.buf = net.new_branch_buffer(self.cache, max_rows, gamma_max + 2)
@@ -199,10 +207,13 @@ class NetworkDrafter(Drafter):
     def _feed(self, tokens: list[int], start: int) -> torch.Tensor:
         """Write KV for tokens at positions start..; returns the last position's logits [1, V']."""
         logits = None
-        for s in range(0, len(tokens), 512):  # chunked: the first call prefills the prompt
-            chunk = torch.tensor([tokens[s:s + 512]])
-            e = start + s + chunk.shape[1]
-            logits = self.net(chunk, self.positions[:, start + s:e], self.cache, kv_len=e, last_only=True)[:, -1]
+        if self.prefill and start == 0 and len(tokens) >= PREFILL_MIN:  # the prompt, full precision
+            logits = self.net.prefill(torch.tensor([tokens]), self.cache)[:, -1]
+        else:
+            for s in range(0, len(tokens), 512):  # chunked: the first call prefills the prompt
+                chunk = torch.tensor([tokens[s:s + 512]])
+                e = start + s + chunk.shape[1]
+                logits = self.net(chunk, self.positions[:, start + s:e], self.cache, kv_len=e, last_only=True)[:, -1]
         self.kv = start + len(tokens)
         self.cache.set_length(0, self.kv)
         return logits
