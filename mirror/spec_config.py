@@ -36,10 +36,11 @@ class SpecConfig:
     int8_calib: str | None = None
     # How a network draft prefills the prompt: "fp32" runs the draft model's full-precision
     # weights as an ONNX Runtime graph (the onnx target's: a GEMM at prefill widths, faster
-    # than the 4-bit blocks' int8 path, and the prompt's KV is the model's exact one); "draft"
-    # runs the draft's own graph; "auto" takes fp32 where the draft holds those weights (the
-    # built draft_quant=gguf graph on the CPU provider) and the prompt is long enough for it
-    # to pay (decoding.drafters.network.PREFILL_MIN), the draft's own graph otherwise.
+    # than the 4-bit blocks' int8 path, and the prompt's KV is the model's exact one) for every
+    # prompt - an error for a draft without those weights; "draft" runs the draft's own graph;
+    # "auto" takes fp32 where the draft holds those weights (the built draft_quant=gguf graph
+    # on the CPU provider) and the prompt is long enough for it to pay
+    # (decoding.drafters.network.PREFILL_MIN), the draft's own graph otherwise.
     draft_prefill: str = "auto"
     adapter: str | None = None  # trained self-draft / streaming artifact (safetensors)
     exit_head: str | None = None  # trained early-exit head artifact

@@ -711,8 +711,8 @@ def test_gguf_graph_attends_like_the_target_in_steps_chunks_and_branch_rows(tmp_
 def test_gguf_draft_prefills_long_prompts_with_the_exact_fp32_kv(tmp_path):
     """draft_prefill (default "auto"): a prompt of PREFILL_MIN tokens or more goes through the
     model's fp32 graph, so the draft's prompt K/V is the target's own (its 4-bit blocks are not);
-    a shorter prompt, the window's tokens and draft_prefill=draft use the blocks. Decoding stays
-    lossless, and fp32 is refused for a draft without those weights."""
+    a shorter prompt, the window's tokens and draft_prefill=draft use the blocks; "fp32" takes
+    every prompt. Decoding stays lossless, and fp32 is refused for a draft without those weights."""
     from dataclasses import replace
 
     from helpers import byte_tokenizer
@@ -737,11 +737,13 @@ def test_gguf_draft_prefills_long_prompts_with_the_exact_fp32_kv(tmp_path):
                    _maxdiff(d.cache.v[:, :, :, :len(p)], exact.v[:, :, :, :len(p)])), d
 
     err_fp32, d = prompt_kv_error(spec, prompt)
-    assert d.prefill and build_draft_net(target, spec, "model").status["prefill"]
+    assert d.prefill == PREFILL_MIN and build_draft_net(target, spec, "model").status["prefill"]
     err_blocks, _ = prompt_kv_error(replace(spec, draft_prefill="draft"), prompt)
     assert err_fp32 < 1e-4 < 1e2 * err_fp32 < err_blocks
-    short, _ = prompt_kv_error(spec, prompt[:PREFILL_MIN - 1])  # below PREFILL_MIN: the blocks
+    short, _ = prompt_kv_error(spec, prompt[:PREFILL_MIN - 1])  # auto, below PREFILL_MIN: the blocks
     assert short > 1e2 * err_fp32
+    forced, _ = prompt_kv_error(replace(spec, draft_prefill="fp32"), prompt[:PREFILL_MIN - 1])
+    assert forced < 1e-4  # fp32: every prompt
     with torch.inference_mode():
         d.start(prompt + [7])  # warm's prompt KV is kept: the root and the window go through the blocks
         w = d.propose(3)

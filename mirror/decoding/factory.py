@@ -153,17 +153,20 @@ def ngram_part(spec: SpecConfig) -> SpecConfig:
     return dataclasses.replace(spec, draft="ngram", draft_model=None, draft_quant="none", combine_min=0.0)
 
 
-def draft_prefill(spec: SpecConfig, net) -> bool:
-    """Whether `net` prefills prompts with its model's fp32 graph (SpecConfig.draft_prefill):
-    "auto" where it can (the built gguf graph, whose model's weights are fp32 on the CPU)."""
+def draft_prefill(spec: SpecConfig, net) -> int | None:
+    """The shortest prompt `net` prefills with its model's fp32 graph (SpecConfig.draft_prefill),
+    or None: "fp32" every prompt, "auto" those of PREFILL_MIN tokens where it can (the built gguf
+    graph, whose model's weights are fp32 on the CPU), "draft" none."""
+    from .drafters.network import PREFILL_MIN
+
     if spec.draft_prefill == "draft":
-        return False
+        return None
     ok = bool(getattr(net, "can_prefill", False))
     if spec.draft_prefill == "fp32" and not ok:
         raise ValueError("draft_prefill=fp32 needs a draft that holds its model's fp32 weights: the "
                          "draft_quant=gguf graph built for the CPU provider; this draft "
                          f"({type(net).__name__}) prefills with its own graph (draft_prefill=draft)")
-    return ok
+    return (1 if spec.draft_prefill == "fp32" else PREFILL_MIN) if ok else None
 
 
 def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams, max_len: int,

@@ -131,8 +131,8 @@ def trimmed_head(head: Linear, keep_ids: torch.Tensor | None) -> Linear:
     return lin
 
 
-# draft_prefill: the shortest prompt the fp32 graph prefills (at 64 tokens it costs what the
-# bundled model's 4-bit blocks do, one AVX2 thread; below, the blocks are faster)
+# draft_prefill=auto: the shortest prompt the fp32 graph prefills (at 64 tokens it costs what
+# the bundled model's 4-bit blocks do, one AVX2 thread; below, the blocks are faster)
 PREFILL_MIN = 64
 
 
@@ -146,10 +146,11 @@ class NetworkDrafter(Drafter):
 
     def __init__(self, net: DraftNet, params: SamplingParams, vocab: int, max_len: int,
                  confidence: float = 0.0, max_rows: int = 16, gamma_max: int = 16, own_k: int = 8,
-                 prefill: bool = False):
+                 prefill: int | None = None):
         super().__init__(params)
         self.net, self.vocab = net, vocab
-        # prompts of at least PREFILL_MIN tokens prefill through `net.prefill` (SpecConfig.draft_prefill)
+        # prompts of at least this many tokens prefill through `net.prefill` (None: none;
+        # SpecConfig.draft_prefill, factory.draft_prefill)
         self.prefill = prefill
         self.confidence = confidence
         self.cache = net.new_cache(1, max_len + gamma_max + 4)
@@ -207,7 +208,7 @@ class NetworkDrafter(Drafter):
     def _feed(self, tokens: list[int], start: int) -> torch.Tensor:
         """Write KV for tokens at positions start..; returns the last position's logits [1, V']."""
         logits = None
-        if self.prefill and start == 0 and len(tokens) >= PREFILL_MIN:  # the prompt, full precision
+        if self.prefill is not None and start == 0 and len(tokens) >= self.prefill:  # the prompt, fp32
             logits = self.net.prefill(torch.tensor([tokens]), self.cache)[:, -1]
         else:
             for s in range(0, len(tokens), 512):  # chunked: the first call prefills the prompt
