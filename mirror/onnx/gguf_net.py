@@ -209,21 +209,19 @@ class GgufDraftNet:
         w = self._model.tok_emb.weight
         return self._fp32 is not None or (w.dtype == torch.float32 and w.device.type == "cpu")
 
-    def prefill(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """The prompt tokens [1, n] at positions 0..n-1 through the model's fp32 weights
-        (draft_prefill=fp32): their exact K/V into cache row 0, and the last position's
-        logits [1, 1, V'] (the trimmed head's rows when trimmed). At prefill widths the fp32
-        GEMM is faster than the 4-bit blocks' int8 path on AVX2 (2.5-2.6 against 2.8-2.9 s for 800
+    def prefill(self, tokens: list[int], cache: KVCache) -> torch.Tensor:
+        """The prompt tokens (positions 0..n-1) through the model's fp32 weights
+        (draft_prefill): their exact K/V into cache row 0, and the last position's logits
+        [1, V'] (the trimmed head's rows when trimmed). At prefill widths the fp32 GEMM is
+        faster than the 4-bit blocks' int8 path on AVX2 (2.5-2.6 against 2.8-2.9 s for 800
         tokens, one thread), so the draft's prompt is ready when the target's is."""
+        from ..decoding.ar import prefill
+
         self.enable_prefill()
-        n = tokens.shape[1]
-        if n > cache.k.shape[3]:
-            raise ValueError(f"{n} prompt tokens do not fit the draft cache ({cache.k.shape[3]} positions)")
-        for s in range(0, n, PREFILL_CHUNK):
-            e = min(n, s + PREFILL_CHUNK)
-            logits = self._fp32(tokens[:, s:e], torch.arange(s, e)[None], cache, kv_len=e, last_only=True)
-        logits = logits.reshape(1, 1, -1).float()
-        return logits if self.keep_ids is None else logits[..., self.keep_ids]
+        if len(tokens) > cache.k.shape[3]:
+            raise ValueError(f"{len(tokens)} prompt tokens do not fit the draft cache ({cache.k.shape[3]} positions)")
+        logits = prefill(self._fp32, cache, tokens, chunk=PREFILL_CHUNK).float()[None]
+        return logits if self.keep_ids is None else logits[:, self.keep_ids]
 
     def __call__(self, tokens, positions, cache, rows=None, kv_len=None, last_only=False):
         return self.forward(tokens, positions, cache, rows, kv_len, last_only)

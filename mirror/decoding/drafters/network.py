@@ -209,7 +209,7 @@ class NetworkDrafter(Drafter):
         """Write KV for tokens at positions start..; returns the last position's logits [1, V']."""
         logits = None
         if self.prefill is not None and start == 0 and len(tokens) >= self.prefill:  # the prompt, fp32
-            logits = self.net.prefill(torch.tensor([tokens]), self.cache)[:, -1]
+            logits = self.net.prefill(tokens, self.cache)
         else:
             for s in range(0, len(tokens), 512):  # chunked: the first call prefills the prompt
                 chunk = torch.tensor([tokens[s:s + 512]])
