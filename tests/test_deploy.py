@@ -45,6 +45,7 @@ def test_bad_configs_are_rejected(tmp_path):
         "unknown target backend": {"target": {"backend": "tpu"}},
         "onnx target over two workers": {"target": {"backend": "onnx", "num_workers": 2}},
         "onnx target in bf16": {"dtype": "bf16", "target": {"backend": "onnx"}},
+        "colocated draft beside two target workers": {"draft": {"colocate": True}, "target": {"num_workers": 2}},
     }
     for name, d in bad.items():
         p = tmp_path / "bad.yaml"

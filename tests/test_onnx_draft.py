@@ -760,6 +760,56 @@ def test_gguf_draft_prefills_long_prompts_with_the_exact_fp32_kv(tmp_path):
         build_drafter(target, SpecConfig(method="sd", draft="self", draft_layers=1, draft_prefill="fp32"), params, 128)
 
 
+def test_in_one_process_the_draft_adopts_the_targets_prompt_kv(tmp_path, monkeypatch):
+    """In one process (in-process generate, a colocated deployment) the gguf draft would prefill a
+    long prompt through the onnx target's own graph - what the target's prefill just did. It copies
+    the target's prompt K/V instead (bit for bit), and decoding stays lossless. A draft whose fp32
+    graph is its own (an eager target here; another process) and a short prompt under `auto`
+    prefill as before."""
+    from dataclasses import replace
+
+    from helpers import byte_tokenizer
+
+    from mirror.decoding.ar import prefill
+    from mirror.decoding.drafters.network import PREFILL_MIN
+    from mirror.decoding.factory import build_drafter
+    from mirror.models.ort_target import OrtTarget
+    from mirror.onnx.gguf_net import GgufDraftNet
+
+    _, target = _gguf_target(tmp_path, "Q4_1")
+    ort = OrtTarget(target)
+    spec = SpecConfig(method="sd", draft="model", draft_model="target", draft_quant="gguf", gamma=3)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompt = torch.randint(1, 256, (PREFILL_MIN + 9,), generator=torch.Generator().manual_seed(4)).tolist()
+    n = len(prompt)
+    cache = ort.new_cache(1, 128)
+    prefill(ort, cache, prompt)
+    d = build_drafter(ort, spec, params, 128)
+    assert d.net.prefill_model is ort
+    assert d.adopt_prompt(prompt, cache, ort) and d.kv == n
+    assert torch.equal(d.cache.k[:, 0, :, :n], cache.k[:, 0, :, :n])
+    assert torch.equal(d.cache.v[:, 0, :, :n], cache.v[:, 0, :, :n])
+    with torch.inference_mode():
+        d.start(prompt + [7])  # the adopted prompt is kept: only the root and the window are fed
+        w = d.propose(3)
+    assert len(w.ids) == 3 and d.kv == n + 3
+    assert not build_drafter(ort, spec, params, 128).adopt_prompt(prompt[:PREFILL_MIN - 1], cache, ort)
+    assert not build_drafter(ort, replace(spec, draft_prefill="draft"), params, 128).adopt_prompt(prompt, cache, ort)
+    assert not build_drafter(target, spec, params, 128).adopt_prompt(prompt, cache, target)  # its own graph
+
+    calls = []
+    real = GgufDraftNet.prefill
+    monkeypatch.setattr(GgufDraftNet, "prefill", lambda self, *a, **k: calls.append(len(a[0])) or real(self, *a, **k))
+    tok = byte_tokenizer()
+    ar = generate(ort, tok, prompt, params).ids
+    for method in ("sd", "mirror"):
+        sp = replace(spec, method=method, kappa=4, budget=4, pre_budget=1)
+        assert generate(ort, tok, prompt, params, sp).ids == ar
+    assert calls == []  # adopted both times: no second prefill
+    assert generate(target, tok, prompt, params, spec).ids == generate(target, tok, prompt, params).ids
+    assert calls == [n + 1]  # the eager target's draft prefills through its own fp32 graph (prompt + root)
+
+
 def test_gguf_draft_runs_under_onnx_runtime_whatever_the_backend_and_needs_gguf_blocks(tmp_path, monkeypatch):
     """The file's blocks have no PyTorch kernel: draft_backend=torch still gets the built graph.
     A model not loaded from a GGUF file, or a GGUF file without quantized blocks, is refused -

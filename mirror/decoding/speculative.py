@@ -39,6 +39,11 @@ class DraftPipeline:
         """The draft's prompt prefill, before the first token is known."""
         self.drafter.warm(prompt)
 
+    def adopt(self, prompt: list[int], target) -> bool:
+        """After the target's prefill: the prompt's K/V from the target's cache where the draft
+        would compute the very same (Drafter.adopt_prompt); in one process only."""
+        return self.drafter.adopt_prompt(prompt, target.cache, target.model)
+
     @trace.traced("draft.start", "draft")
     def start(self, ctx: list[int], gamma: int) -> DraftWindow:
         self.drafter.start(ctx)
@@ -97,6 +102,7 @@ def generate_speculative(target: TargetPipeline, draft: DraftPipeline, tokenizer
     done = out.push([root])
     if not done:
         c = clock()
+        draft.adopt(prompt_ids, target)
         window = draft.start(prompt_ids + [root], gamma_left())
         tm["first_window_s"] = clock() - c
     while not done:

@@ -296,7 +296,7 @@ def _session(graph: Graph, threads: int):
         names = list(graph.external)
         so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(graph.external[n]) for n in names])
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if _global_pool(threads):
+    if _global_pool(threads) or join_global_pool(so):  # (a pool of another size, made first: joined)
         so.use_per_session_threads = False
     else:  # own pools that sleep between calls: slower, but they do not fight each other
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
@@ -351,7 +351,7 @@ class OrtTarget:
         self.head_sess = _session(head_graph(model), self.threads)
         self._set_bounds(sorted({0, model.cfg.n_layers, *splits}))
         self.build_s = time.perf_counter() - t0
-        self.pool = f"shared, {self.threads} threads" if _GLOBAL_POOL == self.threads else \
+        self.pool = f"shared, {_GLOBAL_POOL} threads" if _GLOBAL_POOL else \
             f"per session, {self.threads} threads, no spinning"
 
     # --- graphs --------------------------------------------------------------------------------

@@ -204,6 +204,12 @@ class GgufDraftNet:
         self.status["prefill"] = "fp32 graph (onnx target's)"
 
     @property
+    def prefill_model(self):
+        """The fp32 graph `prefill` runs (None until enable_prefill): the in-process onnx target
+        itself when shared, so the target's prompt K/V is exactly what prefill would compute."""
+        return self._fp32
+
+    @property
     def can_prefill(self) -> bool:
         """Whether `prefill` can run: the model's weights are fp32 on the CPU."""
         w = self._model.tok_emb.weight

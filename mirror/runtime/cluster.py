@@ -44,8 +44,8 @@ def start_ray(deploy: DeploymentConfig) -> None:
         ray.init(address=address, namespace=r.namespace, log_to_driver=False)
         return
     t, d = deploy.target, deploy.draft
-    need = t.num_workers * t.num_cpus + d.num_cpus
-    resources = {d.resource: d.resource_amount, **r.resources}
+    need = t.num_workers * t.num_cpus + (0 if d.colocate else d.num_cpus)
+    resources = {**({} if d.colocate else {d.resource: d.resource_amount}), **r.resources}
     if t.resource:
         resources.setdefault(t.resource, float(t.num_workers))
     # address="local": always a fresh in-process Ray. Without it ray.init joins any Ray it finds
@@ -70,11 +70,12 @@ class Runtime:
         db = {"CPU": d.num_cpus, d.resource: d.resource_amount}
         if d.num_gpus:
             db["GPU"] = d.num_gpus
-        self.pg = placement_group([dict(tb) for _ in range(t.num_workers)] + [db], strategy=deploy.placement)
+        self.pg = placement_group([dict(tb) for _ in range(t.num_workers)] + ([] if d.colocate else [db]),
+                                  strategy=deploy.placement)
         ray.get(self.pg.ready(), timeout=120)
         cfg = deploy.to_dict()
         self.draft_bundle = t.num_workers
-        self.draft = self._start_draft()
+        self.draft = None if d.colocate else self._start_draft()  # colocated: inside the target worker
         master = None
         if t.num_workers > 1:
             ip = ray.util.get_node_ip_address()
@@ -88,6 +89,8 @@ class Runtime:
             for i in range(t.num_workers)]
         ray.get([w.setup_tp.remote() for w in self.targets], timeout=600)
         self.target = self.targets[0]
+        if self.draft is None:
+            return
         try:  # the first request should find its draft (later restarts are checked per request)
             ray.get(self.draft.address.remote(), timeout=120)
         except Exception as e:
@@ -103,7 +106,10 @@ class Runtime:
 
     async def draft_address(self, timeout: float = 5.0) -> str | None:
         """The draft's channel address, or None while it is dead or restarting (Ray restarts it
-        in the background; later requests pick it up again)."""
+        in the background; later requests pick it up again). None too when the draft is colocated:
+        the target worker drafts itself."""
+        if self.draft is None:
+            return None
         try:
             return await asyncio.wait_for(self.draft.address.remote(), timeout)
         except Exception as e:
@@ -115,23 +121,25 @@ class Runtime:
         import time
 
         origin = time.perf_counter_ns()
-        ray.get([w.start_trace.remote(origin) for w in self.targets] + [self.draft.start_trace.remote(origin)])
+        ray.get([w.start_trace.remote(origin) for w in self._actors()])
         return origin
 
     def stop_trace(self, origin: int):
         """The workers' events merged into one Recorder (processes are lanes in the trace)."""
         from .. import trace
 
-        events = [e for evs in ray.get([w.stop_trace.remote() for w in self.targets] +
-                                       [self.draft.stop_trace.remote()]) for e in evs]
+        events = [e for evs in ray.get([w.stop_trace.remote() for w in self._actors()]) for e in evs]
         return trace.merge(events, origin)
 
     def info(self) -> dict:
         return {"target": ray.get([w.info.remote() for w in self.targets]),
-                "draft": ray.get(self.draft.info.remote(), timeout=30)}
+                "draft": ray.get(self.draft.info.remote(), timeout=30) if self.draft is not None else "colocated"}
+
+    def _actors(self) -> list:
+        return self.targets + ([self.draft] if self.draft is not None else [])
 
     def shutdown(self) -> None:
-        for a in self.targets + [self.draft]:
+        for a in self._actors():
             try:
                 ray.kill(a, no_restart=True)
             except Exception:  # already gone

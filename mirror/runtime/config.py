@@ -99,6 +99,11 @@ class DraftConfig:
     # every drafted token reads the whole static cache, so a deployment of short requests drafts faster with less
     deadline_ms: float = 2000.0  # a draft reply slower than this is treated as a dead draft
     restart: bool = True  # restart a dead draft in the background
+    # True: no draft worker - the draft runs inside the target worker's process, on its cores and
+    # ONNX Runtime pool, without the token channel (num_cpus, threads, cpu_affinity and the
+    # resource above then do not apply). For one CPU whose cores would otherwise be split between
+    # the two: both phases of a step get every core (README "One CPU: the draft beside the target")
+    colocate: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "onnx"):
@@ -144,6 +149,8 @@ class DeploymentConfig:
             raise ValueError(f"placement must be one of {', '.join(STRATEGIES)}, got {self.placement!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.draft.colocate and self.target.num_workers != 1:
+            raise ValueError("draft.colocate runs the draft in the target worker's process: target.num_workers must be 1")
         if self.target.backend == "onnx" and self.dtype != "fp32":
             raise ValueError("target.backend onnx runs fp32 (dtype: fp32)")
         bundled = [f for f in BUNDLED_ARTIFACT_FIELDS if getattr(self.speculative, f) == "bundled"]

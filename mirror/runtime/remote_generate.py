@@ -49,6 +49,9 @@ class RemoteDraftPipeline:
         self.client.open(prompt, None, 0, self.spec, self.params, push_branches=self.push)
         self._begun = list(prompt)
 
+    def adopt(self, prompt: list[int], target) -> bool:
+        return False  # another process: the draft prefilled the prompt itself, during the target's
+
     def start(self, ctx: list[int], gamma: int) -> DraftWindow:
         begun, self._begun = self._begun, None
         if begun is not None:

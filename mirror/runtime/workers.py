@@ -15,6 +15,7 @@ alone (plain decoding through the same verification path: the same tokens).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -23,6 +24,7 @@ import ray
 
 from ..decoding.drafters.base import DraftStats
 from ..decoding.messages import DraftWindow, EarlyExitSignal, Verdict
+from ..decoding.speculative import DraftPipeline
 from ..sampling import SamplingParams
 from ..spec_config import SpecConfig
 from .config import DeploymentConfig
@@ -162,20 +164,12 @@ def draft_placement(d, spec: SpecConfig) -> SpecConfig:
     return dataclasses.replace(spec, **kw) if kw else spec
 
 
-@ray.remote
-class DraftWorker:
-    """Hosts draft pipelines behind the DraftChannel gRPC service on this node."""
+class DraftHost:
+    """Builds draft pipelines in this process: one network per draft configuration, shared by the
+    requests (the draft worker's, or the target worker's own with `draft.colocate`)."""
 
-    def __init__(self, deploy: dict, host: str = "0.0.0.0"):
-        from .channel import DraftServer
-
-        self.deploy = DeploymentConfig.from_dict(deploy)
-        d = self.deploy.draft
-        self.placement = pin(d.cpu_affinity, d.threads)
-        self.lm = _load(self.deploy, tokenizer=False)
-        # the backend the target verifies on (its auto resolved as the target worker does): the
-        # n-gram window stop's cost curve
-        self.target_backend = self.deploy.target.resolve_backend(self.deploy.dtype)
+    def _init_drafts(self, model, target_backend: str) -> None:
+        self._draft_model, self._target_backend = model, target_backend
         self._nets: dict = {}
         self._lock = threading.Lock()
         if self.deploy.speculative.draft_quant == "gguf":  # the default's gguf graph: built now (~6 s), not
@@ -183,16 +177,13 @@ class DraftWorker:
                 self._network(self._apply_backend(self.deploy.speculative))
             except Exception as e:  # noqa: BLE001 - a request naming this draft gets the error
                 log.warning("the deployment's draft network could not be built: %s", e)
-        self.server = DraftServer(self._make_pipeline, host=host, port=0).start()
-        self.addr = f"{ray.util.get_node_ip_address()}:{self.server.port}"
 
-    def _make_pipeline(self, req):
+    def _draft_pipeline(self, spec: SpecConfig, params: SamplingParams, max_len: int):
         from ..decoding.factory import build_drafter
-        from ..decoding.speculative import DraftPipeline
 
-        spec, net = self._network(self._apply_backend(req.spec))
-        return DraftPipeline(build_drafter(self.lm.model, spec, req.params, req.max_len, net=net,
-                                           target_backend=self.target_backend), spec)
+        spec, net = self._network(self._apply_backend(spec))
+        return LocalDraftPipeline(build_drafter(self._draft_model, spec, params, max_len, net=net,
+                                                target_backend=self._target_backend), spec)
 
     def _network(self, spec: SpecConfig):
         """(spec, the draft's network or None): one network per draft configuration, shared by
@@ -206,12 +197,42 @@ class DraftWorker:
                spec.stream_layers, getattr(spec, "draft_backend", "torch"), spec.draft_quant, spec.int8_calib)
         with self._lock:
             if key not in self._nets:
-                self._nets[key] = network_or_ngram(self.lm.model, spec, kind)[1]
+                self._nets[key] = network_or_ngram(self._draft_model, spec, kind)[1]
             net = self._nets[key]
         return (spec, net) if net is not None else (ngram_part(spec), None)
 
     def _apply_backend(self, spec: SpecConfig) -> SpecConfig:
         return draft_placement(self.deploy.draft, spec)
+
+
+class LocalDraftPipeline(DraftPipeline):
+    """A draft in the target worker's own process (`draft.colocate`): nothing to lose on the way."""
+
+    degraded = None
+
+    def release(self) -> None:
+        pass
+
+
+@ray.remote
+class DraftWorker(DraftHost):
+    """Hosts draft pipelines behind the DraftChannel gRPC service on this node."""
+
+    def __init__(self, deploy: dict, host: str = "0.0.0.0"):
+        from .channel import DraftServer
+
+        self.deploy = DeploymentConfig.from_dict(deploy)
+        d = self.deploy.draft
+        self.placement = pin(d.cpu_affinity, d.threads)
+        self.lm = _load(self.deploy, tokenizer=False)
+        # the backend the target verifies on (its auto resolved as the target worker does): the
+        # n-gram window stop's cost curve
+        self._init_drafts(self.lm.model, self.deploy.target.resolve_backend(self.deploy.dtype))
+        self.server = DraftServer(self._make_pipeline, host=host, port=0).start()
+        self.addr = f"{ray.util.get_node_ip_address()}:{self.server.port}"
+
+    def _make_pipeline(self, req):
+        return self._draft_pipeline(req.spec, req.params, req.max_len)
 
     def address(self) -> str:
         return self.addr
@@ -233,7 +254,7 @@ class DraftWorker:
 
 
 @ray.remote
-class TargetWorker:
+class TargetWorker(DraftHost):
     def __init__(self, deploy: dict, rank: int = 0, world: int = 1, master: str | None = None):
         import torch
 
@@ -261,6 +282,9 @@ class TargetWorker:
                 self.backend = "torch"
         self.rank, self.world, self.master = rank, world, master
         self.driver = self.model
+        self.colocated = self.deploy.draft.colocate
+        if self.colocated:  # the draft in this process: the target's cores and ONNX Runtime pool
+            self._init_drafts(self.model, self.backend)
         self._cancel: dict[str, threading.Event] = {}
         self._active = 0
         self._run_lock = threading.Lock()
@@ -332,6 +356,8 @@ class TargetWorker:
             self._cancel.pop(request_id, None)
 
     def _run(self, prompt_ids, params, spec, draft_address, stop, out) -> None:
+        import torch
+
         from ..decoding.ar import generate_ar
         from ..decoding.speculative import generate_speculative
         from ..decoding.target import TargetPipeline
@@ -344,11 +370,13 @@ class TargetWorker:
                 if spec.method == "ar":
                     res = generate_ar(self.driver, self.tokenizer, prompt_ids, params, on_chunk, should_stop=stop.is_set)
                 else:
-                    draft = DegradingDraftPipeline(lambda: self._connect(draft_address), spec, params)
+                    draft = self._draft_pipeline(spec, params, len(prompt_ids) + params.max_new_tokens + spec.gamma + 2) \
+                        if self.colocated else DegradingDraftPipeline(lambda: self._connect(draft_address), spec, params)
                     exit_head = self._exit_head(spec)
                     target = TargetPipeline(self.driver, params, spec, exit_head=exit_head)
-                    res = generate_speculative(target, draft, self.tokenizer, prompt_ids, params, spec,
-                                               on_chunk, should_stop=stop.is_set)
+                    with torch.inference_mode() if self.colocated else contextlib.nullcontext():
+                        res = generate_speculative(target, draft, self.tokenizer, prompt_ids, params, spec,
+                                                   on_chunk, should_stop=stop.is_set)
                 m = res.metrics
                 out.put({"finish_reason": res.finish_reason, "method": res.method,
                          "degraded": draft.degraded if draft is not None else None,

@@ -94,6 +94,12 @@ class Drafter:
         """The prompt, before the first token is known (the target is still prefilling): work
         `start(prompt + [root])` can then skip. A network draft prefills the prompt's KV here."""
 
+    def adopt_prompt(self, prompt: list[int], cache, model) -> bool:
+        """In one process: take the prompt's K/V from the target's cache (`model` filled it) if
+        this draft's prompt state is that very K/V; returns whether it did (a network draft
+        prefilling through the target's fp32 graph, NetworkDrafter.adopt_prompt)."""
+        return False
+
     def propose(self, gamma: int) -> DraftWindow:
         raise NotImplementedError
 

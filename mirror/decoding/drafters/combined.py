@@ -35,6 +35,9 @@ class CombinedDrafter(Drafter):
     def warm(self, prompt: list[int]) -> None:
         self.net.warm(prompt)  # the n-gram index is built in start (cheap)
 
+    def adopt_prompt(self, prompt: list[int], cache, model) -> bool:
+        return self.net.adopt_prompt(prompt, cache, model)  # the n-gram index is built in start
+
     def totals(self):
         t = DraftStats(computed=self.ngram.stats.computed + self.net.stats.computed,
                        used=self.ngram.stats.used + self.net.stats.used,

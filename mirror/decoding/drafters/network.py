@@ -187,6 +187,26 @@ class NetworkDrafter(Drafter):
             self._feed(prompt, 0)
         self._warm = list(prompt)
 
+    @torch.inference_mode()
+    def adopt_prompt(self, prompt: list[int], cache, model) -> bool:
+        """In one process, after the target's prefill: when this draft would prefill `prompt`
+        through that very model (draft_prefill through the fp32 graph the target shares with it:
+        `net.prefill_model is model`), copy the prompt's K/V from the target's `cache` instead of
+        computing it again. Returns whether it did; `start(prompt + [root])` then feeds the root."""
+        n = len(prompt)
+        if self.prefill is None or n < self.prefill or getattr(self.net, "prefill_model", None) is not model:
+            return False
+        src, dst = cache, self.cache
+        if src.k.shape[:3] != dst.k.shape[:3] or src.k.shape[4] != dst.k.shape[4] or n > dst.k.shape[3]:
+            return False
+        self.start(prompt)
+        dst.k[:, 0, :, :n].copy_(src.k[:, 0, :, :n])
+        dst.v[:, 0, :, :n].copy_(src.v[:, 0, :, :n])
+        self.kv = n
+        dst.set_length(0, n)
+        self._warm = list(prompt)
+        return True
+
     def _reset_window_state(self) -> None:
         self._branches = {}
         self._own = {}
