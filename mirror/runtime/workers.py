@@ -12,6 +12,10 @@ draft behind the channel (`DegradingDraftPipeline`): the early-exit signal leave
 suffix runs and the verdict comes back as the next window. If the draft dies, stalls past the
 deadline or its channel breaks, the pipeline switches to empty windows and the target finishes
 alone (plain decoding through the same verification path: the same tokens).
+
+With `draft.colocate` there is no DraftWorker: the target worker builds the draft in its own
+process (DraftHost) and runs it between its calls, on its cores and ONNX Runtime pool - for one
+CPU, where splitting the cores between two workers leaves each phase of an SD step one core.
 """
 from __future__ import annotations
 
@@ -206,7 +210,8 @@ class DraftHost:
 
 
 class LocalDraftPipeline(DraftPipeline):
-    """A draft in the target worker's own process (`draft.colocate`): nothing to lose on the way."""
+    """A draft pipeline in this process - the draft worker's, or the target worker's own with
+    `draft.colocate` - so there is no channel to lose: it never degrades."""
 
     degraded = None
 
