@@ -78,12 +78,12 @@ class InProcessEngine:
         return self._nets[key]
 
     def generate(self, prompt_ids, params, spec):
-        from mirror.decoding.factory import build_drafter, generate
+        from mirror.decoding.factory import build_drafter, draft_max_len, generate
 
         if spec is None or spec.method == "ar":
             return generate(self.model, self.tokenizer, prompt_ids, params)
-        max_len = len(prompt_ids) + params.max_new_tokens + spec.gamma + 2
-        drafter = build_drafter(self.model, spec, params, max_len, net=self._net(spec))
+        drafter = build_drafter(self.model, spec, params, draft_max_len(len(prompt_ids), params, spec),
+                                net=self._net(spec))
         return generate(self.model, self.tokenizer, prompt_ids, params, spec, drafter=drafter)
 
 

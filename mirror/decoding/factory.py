@@ -221,6 +221,11 @@ def load_exit_head(spec: SpecConfig, target: Transformer):
     return _load(resolve_artifact(spec.exit_head, "exit_head"), target)
 
 
+def draft_max_len(prompt_len: int, params: SamplingParams, spec: SpecConfig) -> int:
+    """The longest context a request's drafter sees: prompt, every new token, a window past them."""
+    return prompt_len + params.max_new_tokens + spec.gamma + 2
+
+
 def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
              spec: SpecConfig | None = None, on_chunk: Callable[[str, list[int]], None] | None = None,
              should_stop: Callable[[], bool] | None = None, drafter: Drafter | None = None) -> GenerationResult:
@@ -228,8 +233,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], pa
     spec = spec or SpecConfig(method="ar")
     if spec.method == "ar":
         return generate_ar(model, tokenizer, prompt_ids, params, on_chunk, should_stop=should_stop)
-    max_len = len(prompt_ids) + params.max_new_tokens + spec.gamma + 2
-    drafter = drafter or build_drafter(model, spec, params, max_len)
+    drafter = drafter or build_drafter(model, spec, params, draft_max_len(len(prompt_ids), params, spec))
     target = TargetPipeline(model, params, spec, exit_head=load_exit_head(spec, model))
     with torch.inference_mode():
         res = generate_speculative(target, DraftPipeline(drafter, spec), tokenizer, prompt_ids, params,

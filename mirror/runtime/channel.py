@@ -153,8 +153,10 @@ class SessionRequest:
 
     @property
     def max_len(self) -> int:
-        """Longest context the draft will see (as mirror.decoding.factory.generate sizes it)."""
-        return len(self.prompt_ids) + self.params.max_new_tokens + self.spec.gamma + 2
+        """Longest context the draft will see (mirror.decoding.factory.draft_max_len)."""
+        from ..decoding.factory import draft_max_len
+
+        return draft_max_len(len(self.prompt_ids), self.params, self.spec)
 
 
 DraftFactory = Callable[[SessionRequest], DraftPipeline]

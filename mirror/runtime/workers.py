@@ -19,7 +19,6 @@ CPU, where splitting the cores between two workers leaves each phase of an SD st
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -364,6 +363,7 @@ class TargetWorker(DraftHost):
         import torch
 
         from ..decoding.ar import generate_ar
+        from ..decoding.factory import draft_max_len
         from ..decoding.speculative import generate_speculative
         from ..decoding.target import TargetPipeline
 
@@ -375,11 +375,11 @@ class TargetWorker(DraftHost):
                 if spec.method == "ar":
                     res = generate_ar(self.driver, self.tokenizer, prompt_ids, params, on_chunk, should_stop=stop.is_set)
                 else:
-                    draft = self._draft_pipeline(spec, params, len(prompt_ids) + params.max_new_tokens + spec.gamma + 2) \
+                    draft = self._draft_pipeline(spec, params, draft_max_len(len(prompt_ids), params, spec)) \
                         if self.colocated else DegradingDraftPipeline(lambda: self._connect(draft_address), spec, params)
                     exit_head = self._exit_head(spec)
                     target = TargetPipeline(self.driver, params, spec, exit_head=exit_head)
-                    with torch.inference_mode() if self.colocated else contextlib.nullcontext():
+                    with torch.inference_mode():  # as the draft worker's channel runs its drafter
                         res = generate_speculative(target, draft, self.tokenizer, prompt_ids, params, spec,
                                                    on_chunk, should_stop=stop.is_set)
                 m = res.metrics
