@@ -79,7 +79,8 @@ class SpecConfig:
     # trip); windows with draft distributions (sampled network drafts) are never pushed.
     push_branches: bool = True
     # Mirror-SD with a network draft: hypotheses expanded as soon as the window is sent, ranked by
-    # the draft's own distribution over the window (its runner-up tokens at each position), so
+    # the draft's own distribution over the window (the whole window accepted and its own next
+    # token, or a runner-up at a position; greedy: weighed by its agreement rate so far), so
     # the draft works through the target's prefix too instead of waiting for the signal; the
     # signal's hypotheses follow, skipping those already done (0 = off: signal only).
     pre_budget: int = 0

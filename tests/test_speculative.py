@@ -137,7 +137,10 @@ def test_pre_signal_rollouts_use_the_drafts_own_distribution_and_survive_the_sig
         full = fresh.net(torch.tensor([ctx + window.ids]), torch.arange(len(ctx) + G)[None], fresh.cache)[0]
         top = torch.softmax(full[len(ctx) - 1:], -1).topk(sig.top_ids.shape[1])
         assert torch.equal(sig.top_ids, top.indices)  # positions 0..G: root, d_1..d_G
-        torch.testing.assert_close(sig.top_logprobs.exp(), top.values, rtol=1e-4, atol=1e-6)
+        # greedy: the top-1 weighs the agreement rate so far, the runners-up share the rest
+        a, p = drafter.agree[0] / drafter.agree[1], top.values
+        want = torch.cat([torch.full_like(p[:, :1], a), (1 - a) * p[:, 1:] / (1 - p[:, :1])], 1)
+        torch.testing.assert_close(sig.top_logprobs.exp(), want, rtol=1e-4, atol=1e-6)
         pre = list(drafter._branches)
         assert len(pre) == 5 and all(v != (window.ids[j] if j < G else None) for j, v in pre)
         # the signal: other hypotheses only (each position's two least likely of 256 tokens)
@@ -153,6 +156,39 @@ def test_pre_signal_rollouts_use_the_drafts_own_distribution_and_survive_the_sig
         # the hit window's own distribution was recorded by the rollout: pre-expansion goes on
         assert dp.prepare() == 5
         assert drafter.own_signal().top_ids[0].tolist() == fresh._own[0][0]
+
+
+def test_greedy_pre_signal_ranking_follows_the_measured_agreement():
+    """Greedy verification emits the target's argmax: a draft that has agreed with it at nearly
+    every position so far rolls out the whole window's acceptance (G, its own top-1 after d_G)
+    first, however flat its softmax; one that rarely agreed rolls out a runner-up at position 0.
+    Verdicts update the count at every position whose own top-k is known."""
+    target = TARGETS[2]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    spec = SpecConfig(method="mirror", draft="self", draft_layers=2, exit_layer=2, gamma=4, budget=8, pre_budget=1)
+    prompt = [10, 20, 30, 40, 50, 60]
+    tp, dp, drafter, root, window = _pipelines(target, DraftNet.self_draft(target, 2), spec, prompt, params)
+    G = len(window.ids)
+    dp.prepare()
+    from mirror.decoding.drafters.base import rank_hypotheses
+
+    own = drafter.own_signal  # re-read after setting the counts
+    drafter.agree = [99.0, 100.0]
+    best = rank_hypotheses(own(), window, 1)[0]
+    assert (best.j, best.token) == (G, drafter._own[G][0][0])
+    drafter.agree = [1.0, 100.0]
+    best = rank_hypotheses(own(), window, 1)[0]
+    assert best.j == 0 and best.token != window.ids[0]
+    # a verdict accepting d_1 and then emitting the draft's runner-up at position 1: one agreement
+    # (position 0: d_1 is the draft's own top-1 under greedy drafting), one disagreement
+    t = drafter._own[1][0][1]
+    drafter.agree = [0.0, 0.0]
+    drafter.commit(Verdict(0, 1, t))
+    assert drafter.agree == [1.0, 2.0]
+    # a sampling draft keeps its own probabilities: they are the target's chances then
+    sampled = NetworkDrafter(DraftNet.self_draft(target, 2), SamplingParams(temperature=0.8, seed=1), 256, 128)
+    sampled._own, sampled.window = {0: ([7, 8], [0.6, 0.3])}, DraftWindow([])
+    torch.testing.assert_close(sampled.own_signal().top_logprobs.exp(), torch.tensor([[0.6, 0.3]]))
 
 
 def test_combined_draft_rolls_out_only_hypotheses_the_ngram_cannot_continue():

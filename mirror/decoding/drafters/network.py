@@ -168,6 +168,9 @@ class NetworkDrafter(Drafter):
         self.own_k = own_k
         self._own: dict[int, tuple[list[int], list[float]]] = {}
         self._pre_rows = 0
+        # greedy: how often the target's token at a window position was the draft's own top-1
+        # (agreed, compared), from a prior of 8 in 10; calibrates own_signal (pre-signal ranking)
+        self.agree = [8.0, 10.0]
 
     def start(self, ctx: list[int]) -> None:
         warm, self._warm = self._warm, None
@@ -178,6 +181,7 @@ class NetworkDrafter(Drafter):
             self.kv = len(warm)  # the prompt's KV from warm(): only the root is left to feed
             self.cache.set_length(0, self.kv)
         self.gen = self.params.generator()
+        self.agree = [8.0, 10.0]
         self._reset_window_state()
 
     @torch.inference_mode()
@@ -276,6 +280,7 @@ class NetworkDrafter(Drafter):
         self._reset_window_state()
 
     def commit(self, verdict: Verdict) -> None:
+        self._observe(verdict)
         self.kv = min(self.kv, len(self.ctx)) + min(verdict.accepted, self.fed)
         self.cache.set_length(0, self.kv)
         super().commit(verdict)
@@ -308,20 +313,44 @@ class NetworkDrafter(Drafter):
                 self._record(G, last)
         return self.pre_expand(gamma, budget, should_stop, batch, skip) if budget > 0 else 0
 
+    def _observe(self, verdict: Verdict) -> None:
+        """Greedy: count, at the window positions whose own top-k is known, whether the target's
+        token there (d_{j+1} for j < A, then t) was the draft's own top-1."""
+        if not self.params.greedy or not self._own:
+            return
+        got = self.window.ids[:verdict.accepted] + [verdict.token]
+        for j, tok in enumerate(got):
+            own = self._own.get(j)
+            if own is not None:
+                self.agree[0] += own[0][0] == tok
+                self.agree[1] += 1
+
     def own_signal(self) -> EarlyExitSignal | None:
         """The draft's own top-k at window positions 0..G as an EarlyExitSignal (step -1), or
-        None when a position's distribution is not known."""
+        None when a position's distribution is not known.
+
+        Greedy verification emits the target's argmax, so the chance that the target's token is
+        v is not the draft's p(v): with a draft close to the target the argmax agrees far more
+        often than its probability says (a near copy of the target agrees ~95% of the time at a
+        top-1 probability of 0.5). Then the top-1 gets the agreement rate measured so far on this
+        request and the runners-up share the rest in proportion; without that, a runner-up at
+        position 0 (p ~0.3) outranks the full window's acceptance (p ~0.8 per token, five times)."""
         G = len(self.window.ids)
         if any(j not in self._own for j in range(G + 1)):
             return None
         ids = torch.tensor([self._own[j][0] for j in range(G + 1)], dtype=torch.long)
-        logp = torch.tensor([self._own[j][1] for j in range(G + 1)]).clamp_min(1e-30).log()
-        return EarlyExitSignal(-1, ids, logp)
+        p = torch.tensor([self._own[j][1] for j in range(G + 1)])
+        if self.params.greedy:
+            a = self.agree[0] / self.agree[1]
+            rest = p[:, 1:] / (1.0 - p[:, :1]).clamp_min(1e-6)
+            p = torch.cat([torch.full_like(p[:, :1], a), (1.0 - a) * rest], 1)
+        return EarlyExitSignal(-1, ids, p.clamp_min(1e-30).log())
 
     @torch.inference_mode()
     def pre_expand(self, gamma: int, budget: int, should_stop=None, batch: int = 8, skip=None) -> int:
-        """Before the signal: expand hypotheses ranked by the draft's own distribution (runner-up
-        tokens at each window position, weighted by the draft's confidence in the tokens before),
+        """Before the signal: expand hypotheses ranked by the draft's own distribution (own_signal:
+        the whole window accepted and its own next token, or a runner-up at a window position,
+        weighted by the draft's confidence in the tokens before),
         except those `skip(h)` rejects. They take branch rows 0..; `expand` adds the signal's
         hypotheses after them and skips these. Stops like `expand` (`should_stop`)."""
         sig = self.own_signal()
@@ -417,7 +446,8 @@ class NetworkDrafter(Drafter):
         self._branches = {}
         if hit is None:
             self.stats.misses += 1
-            return None
+            return None  # (the caller commits: _observe runs there)
+        self._observe(verdict)
         s, window, row, fed, own = hit
         self.stats.hits += 1
         self.stats.pre_hits += row < self._pre_rows
