@@ -91,12 +91,13 @@ def summarise(metrics: list[dict]) -> dict:
     """The overlap figures of distributed Mirror-SD requests (their `Metrics.to_dict()`)."""
     tot = {k: 0.0 for k in ("prefix_s", "suffix_s", "signal_s", "window_s", "first_window_s", "decode_s",
                             "expand_s", "overrun_s", "verdict_s", "prepare_s")}
-    steps = hits = misses = tokens = pre_branches = pre_hits = taken = cut = cut_steps = cut_wrong = 0
+    steps = hits = misses = tokens = pre_branches = pre_hits = taken = early = cut = cut_steps = cut_wrong = 0
     for m in metrics:
         cut += m.get("cut_tokens", 0)
         cut_steps += m.get("cut_steps", 0)
         cut_wrong += m.get("cut_wrong", 0)
         taken += m["extra"].get("taken", 0)
+        early += m["extra"].get("early", 0)
         pre_branches += m["extra"].get("pre_branches", 0)
         pre_hits += m["extra"].get("pre_hits", 0)
         for k, v in m["extra"].get("timing", {}).items():
@@ -118,6 +119,9 @@ def summarise(metrics: list[dict]) -> dict:
         # pushed branches (SpecConfig.push_branches): share of verdicts whose window the target
         # already held - no round trip; the draft's work on them is off the target's path too
         "taken_rate": taken / (hits + misses) if hits + misses else 0.0,
+        # rollout_stop="reply": share of verdicts answered with a rollout's tokens so far (the draft
+        # step still running then finishes after the window went out: its overrun is not exposed)
+        "early_rate": early / (hits + misses) if hits + misses else 0.0,
         # pre-signal rollouts (pre_budget): share of verdicts whose window came from one
         "pre_hit_rate": pre_hits / (hits + misses) if hits + misses else 0.0,
         "pre_branches_per_step": pre_branches / max(steps, 1),

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 METHODS = ("ar", "sd", "mirror")
 DRAFTS = ("self", "model", "ngram", "streaming", "ngram+self", "ngram+streaming", "ngram+model")
 RULES = ("auto", "stochastic", "match")
-ROLLOUT_STOPS = ("predict", "verdict")
+ROLLOUT_STOPS = ("predict", "verdict", "reply")
 DRAFT_BACKENDS = ("torch", "onnx")
 DRAFT_QUANTS = ("none", "int8", "gguf")
 EXIT_QUANTS = ("none", "int8")
@@ -72,7 +72,9 @@ class SpecConfig:
     # Mirror-SD with the draft behind the channel: a branch rollout stops when the verdict
     # arrives ("verdict"), or also before a draft step predicted to end after the verdict's
     # arrival, estimated from earlier steps' signal -> verdict times ("predict"): a step already
-    # running when the verdict comes delays the next window by its remainder.
+    # running when the verdict comes delays the next window by its remainder. "reply": the
+    # verdict is answered at once with a greedy rollout's tokens so far (Drafter.peek), and the
+    # step still running becomes the next window's first draft step instead of a delay.
     rollout_stop: str = "predict"
     # Mirror-SD with the draft behind the channel: the draft sends its finished rollouts to the
     # target before the verdict, so a hit's window is on the target's side already (no round

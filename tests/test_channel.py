@@ -106,6 +106,26 @@ def test_pre_signal_rollouts_through_the_channel_are_lossless_and_counted(bundle
     assert draft_server.servicer.sessions == {}
 
 
+def test_hits_answered_before_their_rollout_stops_decode_the_same(bundled, draft_server):
+    """rollout_stop="reply" with the default's draft (n-gram else the target's own GGUF blocks,
+    its most likely next window rolled out from the moment a window is sent): a hit's window
+    goes back as soon as the verdict is read, before the draft's rollouts stop; the output stays
+    plain decoding's and those hits are counted."""
+    spec = SpecConfig(method="mirror", draft="ngram+model", draft_model="target", draft_quant="gguf",
+                      combine_min=1.2, ngram_datastore="bundled", gamma=5, kappa=8, pre_budget=1, budget=1,
+                      branch_batch=1, rollout_stop="reply", push_branches=False)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    for prompt in PROMPTS[:2]:
+        ids = bundled.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        ref = generate(bundled.model, bundled.tokenizer, ids, params, SpecConfig(method="ar"))
+        res = _remote(bundled, draft_server, ids, params, spec)
+        assert res.ids == ref.ids
+        m = res.metrics
+        assert m.hits + m.misses == m.target_steps - 1
+        assert 0 < m.extra["early"] <= m.hits
+    assert draft_server.servicer.sessions == {}
+
+
 def test_sampled_sd_through_the_channel_equals_in_process(bundled, draft_server):
     """Serial drafting consumes the draft's seeded generator the same way on both paths, so
     the sampled output (and the draft probabilities that crossed the channel) must match."""

@@ -158,6 +158,49 @@ def test_pre_signal_rollouts_use_the_drafts_own_distribution_and_survive_the_sig
         assert drafter.own_signal().top_ids[0].tolist() == fresh._own[0][0]
 
 
+def test_a_hit_answered_mid_rollout_commits_to_the_window_sent():
+    """rollout_stop="reply": a verdict arriving while a greedy rollout runs is answered with the
+    tokens drafted so far (peek); the rollout finishes its step, and the hit then commits to
+    exactly the window sent - the extra step's K/V and distribution serve the next window, and
+    the drafter's state is what a fresh one has after the same tokens. A window that is not the
+    rollout's is refused."""
+    target = TARGETS[2]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    spec = SpecConfig(method="mirror", draft="self", draft_layers=2, exit_layer=2, gamma=4, budget=8)
+    prompt = [10, 20, 30, 40, 50, 60]
+    tp, dp, drafter, root, window = _pipelines(target, DraftNet.self_draft(target, 2), spec, prompt, params)
+    ctx, G = prompt + [root], len(window.ids)
+    j, v = G, 123
+    verdict = Verdict(0, j, v)
+    ids = torch.tensor([[window.ids[i] if i < G else v, v if i < G else 7] for i in range(G + 1)])
+    sig = EarlyExitSignal(0, ids, torch.log(torch.tensor([[0.9, 0.1]] * (G + 1))))
+    seen = []
+
+    def handler_peeks():  # asked between rollout steps: the verdict "arrives" after two tokens
+        w = drafter.peek(verdict)
+        if w is not None and len(w.ids) == 2 and not seen:
+            seen.append(w)
+        return False
+
+    assert drafter.peek(verdict) is None
+    drafter.expand(sig, spec.gamma, spec.budget, should_stop=handler_peeks)
+    sent = seen[0]
+    assert drafter.peek(verdict).ids[:2] == sent.ids and len(drafter.peek(verdict).ids) == spec.gamma
+    with pytest.raises(ValueError, match="not its rollout"):
+        drafter.take(verdict, DraftWindow([sent.ids[0], 255 - sent.ids[1]], None, sent.source))
+    drafter.expand(sig, spec.gamma, spec.budget)  # (the refused take cleared the branches)
+    hit = drafter.take(verdict, sent)
+    assert hit.ids == sent.ids and drafter.window.ids == sent.ids
+    assert drafter.kv == len(drafter.ctx) + 2  # v, d'_1, d'_2 have K/V: no feed before the next rollouts
+    fresh = NetworkDrafter(DraftNet.self_draft(target, 2), params, 256, 128)
+    fresh.start(ctx + window.ids[:j] + [v])
+    assert fresh.propose(2).ids == sent.ids
+    nxt = Verdict(1, 1, 77)  # d'_1 accepted, then 77
+    drafter.commit(nxt)
+    fresh.commit(nxt)
+    assert drafter.propose(spec.gamma).ids == fresh.propose(spec.gamma).ids
+
+
 def test_greedy_pre_signal_ranking_follows_the_measured_agreement():
     """Greedy verification emits the target's argmax: a draft that has agreed with it at nearly
     every position so far rolls out the whole window's acceptance (G, its own top-1 after d_G)

@@ -69,10 +69,13 @@ class DraftPipeline:
         return n
 
     @trace.traced("draft.on_verdict", "draft", args=lambda self, verdict, *a, **k: {"step": verdict.step})
-    def on_verdict(self, verdict: Verdict, gamma: int) -> DraftWindow:
-        """Hit: the precomputed window, at zero latency. Miss: serial drafting (vanilla SD)."""
+    def on_verdict(self, verdict: Verdict, gamma: int, sent: DraftWindow | None = None) -> DraftWindow:
+        """Hit: the precomputed window, at zero latency. Miss: serial drafting (vanilla SD).
+        `sent`: the window `peek` gave, already sent; the hit commits to exactly it."""
         t = time.perf_counter()
-        w = self.drafter.take(verdict) if self.spec.method == "mirror" else None
+        w = self.drafter.take(verdict, sent) if self.spec.method == "mirror" else None
+        if w is None and sent is not None:
+            raise ValueError(f"verdict of step {verdict.step}: the window sent early is no hit")
         if w is None:
             self.drafter.commit(verdict)
             w = self.drafter.propose(gamma)
@@ -143,6 +146,8 @@ def generate_speculative(target: TargetPipeline, draft: DraftPipeline, tokenizer
     m.extra["branches"] = st.branches
     if st.taken:  # behind the channel: hits whose window was already on the target's side
         m.extra["taken"] = st.taken
+    if st.early:  # behind the channel: hits answered before their rollout stopped
+        m.extra["early"] = st.early
     if st.pre_branches:
         m.extra["pre_branches"], m.extra["pre_hits"] = st.pre_branches, st.pre_hits
     m.extra["timing"] = tm

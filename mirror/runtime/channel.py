@@ -132,7 +132,7 @@ def window_from_proto(msg: pb.DraftWindow) -> DraftWindow:
 def stats_from_proto(msg: pb.DraftStats) -> DraftStats:
     return DraftStats(msg.computed, msg.used, msg.hits, msg.misses, msg.branches, dict(msg.by_source),
                       msg.expand_s, msg.overrun_s, msg.verdict_s, msg.prepare_s, msg.pre_branches, msg.pre_hits,
-                      msg.taken)
+                      msg.taken, msg.early)
 
 
 # --- draft side --------------------------------------------------------------------------------
@@ -181,6 +181,7 @@ class _Session:
         self.push = push_branches and req.spec.method == "mirror"
         self._pushed: tuple[int, set] | None = None  # (step, {(A, t), ...}) last pushed
         self.taken = 0
+        self.replied = 0  # hits answered early (rollout_stop="reply")
         self.worker = futures.ThreadPoolExecutor(1, thread_name_prefix=f"draft-{req.session_id[:8]}")
         self.stop = threading.Event()
         self.expansion: futures.Future | None = None
@@ -273,8 +274,19 @@ class _Session:
             fut.result()
         self.pipeline.drafter.stats.overrun_s += time.perf_counter() - t  # draft work past the verdict
 
-    def on_verdict(self, verdict: Verdict, gamma: int, taken: bool = False) -> DraftWindow:
-        """The next window; with `taken`, the pushed branch the target already holds (checked)."""
+    def early(self, verdict: Verdict) -> DraftWindow | None:
+        """rollout_stop="reply" (Mirror-SD, greedy): the window a hit has so far, to send before
+        the rollouts stop - the step still running then feeds the window's last token, the first
+        draft step of the next window - or None (a miss, or no token drafted yet: wait as usual)."""
+        if self.req.spec.rollout_stop != "reply" or self.req.spec.method != "mirror" or not self.req.params.greedy:
+            return None
+        peek = getattr(self.pipeline.drafter, "peek", None)  # (a duck-typed drafter may have none)
+        return peek(verdict) if peek is not None else None
+
+    def on_verdict(self, verdict: Verdict, gamma: int, taken: bool = False,
+                   sent: DraftWindow | None = None) -> DraftWindow:
+        """The next window; with `taken`, the pushed branch the target already holds (checked);
+        with `sent`, the window `early` gave, already sent."""
         if self._signal_t is not None:  # how long after its signal a verdict arrives
             seen, self._signal_t = time.perf_counter() - self._signal_t, None
             self._suffix_s = seen if self._suffix_s is None else 0.8 * self._suffix_s + 0.2 * seen
@@ -284,8 +296,10 @@ class _Session:
         if taken and (pushed is None or pushed[0] != verdict.step or key not in pushed[1]):
             raise ValueError(f"verdict of step {verdict.step} takes branch {key}, which was not pushed")
         with torch.inference_mode():
-            w = self.pipeline.on_verdict(verdict, gamma)  # (taken: the pushed branch - `take` on a hit)
+            w = self.pipeline.on_verdict(verdict, gamma) if sent is None else \
+                self.pipeline.on_verdict(verdict, gamma, sent)  # (taken: the pushed branch - `take` on a hit)
         self.taken += taken
+        self.replied += sent is not None
         return w
 
     def stats(self) -> pb.DraftStats:
@@ -294,7 +308,7 @@ class _Session:
                              branches=st.branches, by_source={str(k): int(v) for k, v in st.by_source.items()},
                              expand_s=st.expand_s, overrun_s=st.overrun_s, verdict_s=st.verdict_s,
                              prepare_s=st.prepare_s, pre_branches=st.pre_branches, pre_hits=st.pre_hits,
-                             taken=self.taken)
+                             taken=self.taken, early=self.replied)
 
     def close(self) -> None:
         """Idempotent; from the handler thread or gRPC's termination callback."""
@@ -366,8 +380,12 @@ class DraftChannelServicer(channel_pb2_grpc.DraftChannelServicer):
                         yield branches
                 elif kind == "verdict":
                     v = msg.verdict
-                    window = session.on_verdict(Verdict(v.step, v.accepted, v.token), v.gamma, v.taken)
-                    if not v.taken:  # (taken: the target holds this window already)
+                    verdict = Verdict(v.step, v.accepted, v.token)
+                    sent = None if v.taken else session.early(verdict)
+                    if sent is not None:  # a hit answered before its rollout stops
+                        yield pb.DraftMessage(window=window_to_proto(sent, step=v.step + 1))
+                    window = session.on_verdict(verdict, v.gamma, v.taken, sent)
+                    if not v.taken and sent is None:  # (taken: the target holds this window already)
                         yield pb.DraftMessage(window=window_to_proto(window, step=v.step + 1))
                     session.window_sent()
                 elif kind == "close":

@@ -199,7 +199,7 @@ class DeploymentConfig:
                    draft=DraftConfig(backend="onnx", num_cpus=1, threads=1, cpu_affinity=[1], deadline_ms=2000.0),
                    speculative=SpecConfig(method="mirror", draft="ngram+model", combine_min=1.2, draft_model="target",
                                           draft_quant="gguf", pre_budget=1, budget=1, branch_batch=1, gamma=5,
-                                          kappa=8, ngram_datastore="bundled", exit_head="bundled",
+                                          rollout_stop="verdict", kappa=8, ngram_datastore="bundled", exit_head="bundled",
                                           exit_trim="bundled", exit_quant="int8"))
 
     @classmethod

@@ -37,6 +37,7 @@ class DraftStats:
     pre_branches: int = 0  # hypotheses expanded before the signal (SpecConfig.pre_budget)
     pre_hits: int = 0  # hits on those
     taken: int = 0  # behind the channel: hits whose window the target took from pushed branches
+    early: int = 0  # behind the channel: hits answered before their rollout stopped (rollout_stop="reply")
 
 
 @dataclass(slots=True)
@@ -121,8 +122,17 @@ class Drafter:
         """Precompute next windows for the most likely hypotheses; returns how many."""
         return 0
 
-    def take(self, verdict: Verdict) -> DraftWindow | None:
-        """If (A, t) was precomputed, commit it and return the ready next window."""
+    def take(self, verdict: Verdict, sent: DraftWindow | None = None) -> DraftWindow | None:
+        """If (A, t) was precomputed, commit it and return the ready next window. `sent`: the
+        window `peek` gave for this verdict, already on its way to the target; the hit then
+        returns exactly it (a rollout that went on since is cut back to it)."""
+        return None
+
+    def peek(self, verdict: Verdict) -> DraftWindow | None:
+        """The window a hit on (A, t) has so far - a finished rollout's, or the tokens a greedy
+        rollout still running has drafted (at least one) - or None. Called from another thread
+        while rollouts run (SpecConfig.rollout_stop="reply"); `take(verdict, sent=...)` with its
+        answer, once they stopped, then commits to exactly that window."""
         return None
 
     def ready(self) -> dict[tuple[int, int], DraftWindow]:

@@ -92,8 +92,17 @@ class CombinedDrafter(Drafter):
         out.update({k: w for k, w in self.ngram.ready().items() if self._prefer(w)})
         return out
 
-    def take(self, verdict: Verdict) -> DraftWindow | None:
+    def peek(self, verdict: Verdict) -> DraftWindow | None:
+        ng = self.ngram.peek(verdict)
+        return ng if self._prefer(ng) else self.net.peek(verdict)
+
+    def take(self, verdict: Verdict, sent: DraftWindow | None = None) -> DraftWindow | None:
         ng = self.ngram._branches.get((verdict.accepted, verdict.token))
+        if sent is not None:  # peek's choice stands (an n-gram branch made since does not win)
+            if sent.source == self.ngram.name and (ng is None or ng.ids != sent.ids):
+                raise ValueError(f"the n-gram window sent for {(verdict.accepted, verdict.token)} is not its branch")
+            if sent.source != self.ngram.name:
+                ng = None
         if self._prefer(ng):
             # the n-gram continuation wins; the network just follows the commit
             self.net.commit(verdict)
@@ -103,7 +112,7 @@ class CombinedDrafter(Drafter):
             self.stats.hits += 1
             return self._use(ng)
         self.ngram._branches = {}
-        w = self.net.take(verdict)
+        w = self.net.take(verdict, sent)
         if w is None:  # miss: the caller commits and drafts serially
             self.stats.misses += 1
             return None

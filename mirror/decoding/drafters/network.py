@@ -168,6 +168,7 @@ class NetworkDrafter(Drafter):
         self.own_k = own_k
         self._own: dict[int, tuple[list[int], list[float]]] = {}
         self._pre_rows = 0
+        self._live: dict[tuple[int, int], list[int]] = {}  # greedy rollouts' tokens so far (peek)
         # greedy: how often the target's token at a window position was the draft's own top-1
         # (agreed, compared), from a prior of 8 in 10; calibrates own_signal (pre-signal ranking)
         self.agree = [8.0, 10.0]
@@ -215,6 +216,7 @@ class NetworkDrafter(Drafter):
         self._branches = {}
         self._own = {}
         self._pre_rows = 0
+        self._live = {}
 
     def _record(self, j: int, logits: torch.Tensor) -> None:
         """The draft's top-k at window position j from [1, V'] (or [V']) logits."""
@@ -420,6 +422,10 @@ class NetworkDrafter(Drafter):
             toks.append(self.net.to_full(tok))
             if pr is not None:
                 probs.append(pr)
+            else:  # greedy: what a verdict arriving now could take already (peek); one new dict
+                so_far = torch.stack(toks, 1).tolist()
+                self._live = {**self._live, **{(h.j, h.token): so_far[r][:int(lengths[r])]
+                                               for r, h in enumerate(group)}}
             if i == gamma - 1 or not bool(alive.any()) or (should_stop is not None and should_stop()):
                 break
             pos = pos + 1
@@ -441,14 +447,28 @@ class NetworkDrafter(Drafter):
     def ready(self) -> dict[tuple[int, int], DraftWindow]:
         return {k: b[1] for k, b in self._branches.items()}
 
-    def take(self, verdict: Verdict) -> DraftWindow | None:
+    def peek(self, verdict: Verdict) -> DraftWindow | None:
+        key = (verdict.accepted, verdict.token)
+        hit = self._branches.get(key)  # (read from another thread: one dict lookup each)
+        if hit is not None:
+            return hit[1] if hit[1].probs is None else None
+        ids = self._live.get(key)
+        return DraftWindow(list(ids), None, self.name) if ids else None
+
+    def take(self, verdict: Verdict, sent: DraftWindow | None = None) -> DraftWindow | None:
         hit = self._branches.get((verdict.accepted, verdict.token))
         self._branches = {}
+        if sent is not None and (hit is None or hit[1].ids[:len(sent.ids)] != sent.ids):
+            raise ValueError(f"the window sent for {(verdict.accepted, verdict.token)} is not its rollout's")
         if hit is None:
             self.stats.misses += 1
             return None  # (the caller commits: _observe runs there)
         self._observe(verdict)
         s, window, row, fed, own = hit
+        if sent is not None and len(sent.ids) < len(window.ids):  # the rollout went on after the reply
+            m = len(sent.ids)
+            window, fed = DraftWindow(list(sent.ids), None, window.source), min(fed, m)
+            own = {i: v for i, v in own.items() if i <= m}
         self.stats.hits += 1
         self.stats.pre_hits += row < self._pre_rows
         Drafter.commit(self, verdict)  # ctx += d_1..d_A, t (t is the branch's v, at position s)

@@ -259,9 +259,14 @@ class NgramDrafter(Drafter):
     def ready(self) -> dict[tuple[int, int], DraftWindow]:
         return dict(self._branches)
 
-    def take(self, verdict: Verdict) -> DraftWindow | None:
+    def peek(self, verdict: Verdict) -> DraftWindow | None:
+        return self._branches.get((verdict.accepted, verdict.token))
+
+    def take(self, verdict: Verdict, sent: DraftWindow | None = None) -> DraftWindow | None:
         w = self._branches.get((verdict.accepted, verdict.token))
         self._branches = {}
+        if sent is not None and (w is None or w.ids != sent.ids):
+            raise ValueError(f"the n-gram window sent for {(verdict.accepted, verdict.token)} is not its branch")
         if w is None:
             self.stats.misses += 1
             return None

@@ -205,7 +205,7 @@ class Error(_message.Message):
     def __init__(self, message: _Optional[str] = ...) -> None: ...
 
 class DraftStats(_message.Message):
-    __slots__ = ("computed", "used", "hits", "misses", "branches", "by_source", "expand_s", "overrun_s", "verdict_s", "prepare_s", "pre_branches", "pre_hits", "taken")
+    __slots__ = ("computed", "used", "hits", "misses", "branches", "by_source", "expand_s", "overrun_s", "verdict_s", "prepare_s", "pre_branches", "pre_hits", "taken", "early")
     class BySourceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,7 @@ class DraftStats(_message.Message):
     PRE_BRANCHES_FIELD_NUMBER: _ClassVar[int]
     PRE_HITS_FIELD_NUMBER: _ClassVar[int]
     TAKEN_FIELD_NUMBER: _ClassVar[int]
+    EARLY_FIELD_NUMBER: _ClassVar[int]
     computed: int
     used: int
     hits: int
@@ -239,7 +240,8 @@ class DraftStats(_message.Message):
     pre_branches: int
     pre_hits: int
     taken: int
-    def __init__(self, computed: _Optional[int] = ..., used: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., branches: _Optional[int] = ..., by_source: _Optional[_Mapping[str, int]] = ..., expand_s: _Optional[float] = ..., overrun_s: _Optional[float] = ..., verdict_s: _Optional[float] = ..., prepare_s: _Optional[float] = ..., pre_branches: _Optional[int] = ..., pre_hits: _Optional[int] = ..., taken: _Optional[int] = ...) -> None: ...
+    early: int
+    def __init__(self, computed: _Optional[int] = ..., used: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., branches: _Optional[int] = ..., by_source: _Optional[_Mapping[str, int]] = ..., expand_s: _Optional[float] = ..., overrun_s: _Optional[float] = ..., verdict_s: _Optional[float] = ..., prepare_s: _Optional[float] = ..., pre_branches: _Optional[int] = ..., pre_hits: _Optional[int] = ..., taken: _Optional[int] = ..., early: _Optional[int] = ...) -> None: ...
 
 class DraftMessage(_message.Message):
     __slots__ = ("window", "ready", "error", "stats", "branches")
