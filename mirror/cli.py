@@ -80,8 +80,10 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                         "faster at prompt widths), draft (its own graph), auto (fp32 where the draft holds those "
                         "weights - the gguf draft on the CPU - and the prompt is long enough; the default)")
     g.add_argument("--rollout-stop", default=S, choices=ROLLOUT_STOPS,
-                   help="distributed Mirror-SD: end branch rollouts at the verdict, or also before a draft "
-                        "step predicted to end after it (predict, the default)")
+                   help="distributed Mirror-SD: end branch rollouts at the verdict after the draft step under "
+                        "way (verdict: the embedded default's), also before a draft step predicted to end after "
+                        "it (predict: SpecConfig's default), or answer a greedy hit at once with the tokens "
+                        "drafted so far (reply)")
     g.add_argument("--pre-budget", type=int, default=S,
                    help="Mirror-SD with a network draft: hypotheses expanded before the signal, ranked by "
                         "the draft's own distribution (0: signal only)")
