@@ -143,6 +143,7 @@ class NetworkDrafter(Drafter):
     moving `kv` (O(1))."""
 
     name = "network"
+    AGREE_PRIOR = (8.0, 10.0)  # (agreed, compared) before a request's first verdict: 0.8
 
     def __init__(self, net: DraftNet, params: SamplingParams, vocab: int, max_len: int,
                  confidence: float = 0.0, max_rows: int = 16, gamma_max: int = 16, own_k: int = 8,
@@ -168,10 +169,11 @@ class NetworkDrafter(Drafter):
         self.own_k = own_k
         self._own: dict[int, tuple[list[int], list[float]]] = {}
         self._pre_rows = 0
-        self._live: dict[tuple[int, int], list[int]] = {}  # greedy rollouts' tokens so far (peek)
+        # the running rollout batch: (its hypotheses, its token list, its lengths), read by peek
+        self._live: tuple | None = None
         # greedy: how often the target's token at a window position was the draft's own top-1
-        # (agreed, compared), from a prior of 8 in 10; calibrates own_signal (pre-signal ranking)
-        self.agree = [8.0, 10.0]
+        # (agreed, compared), from AGREE_PRIOR; calibrates own_signal (pre-signal ranking)
+        self.agree = list(self.AGREE_PRIOR)
 
     def start(self, ctx: list[int]) -> None:
         warm, self._warm = self._warm, None
@@ -182,7 +184,7 @@ class NetworkDrafter(Drafter):
             self.kv = len(warm)  # the prompt's KV from warm(): only the root is left to feed
             self.cache.set_length(0, self.kv)
         self.gen = self.params.generator()
-        self.agree = [8.0, 10.0]
+        self.agree = list(self.AGREE_PRIOR)
         self._reset_window_state()
 
     @torch.inference_mode()
@@ -216,7 +218,7 @@ class NetworkDrafter(Drafter):
         self._branches = {}
         self._own = {}
         self._pre_rows = 0
-        self._live = {}
+        self._live = None
 
     def _record(self, j: int, logits: torch.Tensor) -> None:
         """The draft's top-k at window position j from [1, V'] (or [V']) logits."""
@@ -409,6 +411,7 @@ class NetworkDrafter(Drafter):
         toks, probs, tops = [], [], []
         alive = torch.ones(R, dtype=torch.bool)
         lengths = torch.zeros(R, dtype=torch.long)
+        self._live = ([(h.j, h.token) for h in group], toks, lengths)  # what peek reads while this runs
         forwards = 1
         for i in range(gamma):
             if self.own_k:
@@ -422,10 +425,6 @@ class NetworkDrafter(Drafter):
             toks.append(self.net.to_full(tok))
             if pr is not None:
                 probs.append(pr)
-            else:  # greedy: what a verdict arriving now could take already (peek); one new dict
-                so_far = torch.stack(toks, 1).tolist()
-                self._live = {**self._live, **{(h.j, h.token): so_far[r][:int(lengths[r])]
-                                               for r, h in enumerate(group)}}
             if i == gamma - 1 or not bool(alive.any()) or (should_stop is not None and should_stop()):
                 break
             pos = pos + 1
@@ -452,8 +451,14 @@ class NetworkDrafter(Drafter):
         hit = self._branches.get(key)  # (read from another thread: one dict lookup each)
         if hit is not None:
             return hit[1] if hit[1].probs is None else None
-        ids = self._live.get(key)
-        return DraftWindow(list(ids), None, self.name) if ids else None
+        live = self._live
+        if live is None or key not in live[0] or not self.params.greedy:
+            return None
+        keys, toks, lengths = live
+        steps = list(toks)  # the steps appended so far (lengths may count one more, about to be)
+        r = keys.index(key)
+        m = min(int(lengths[r]), len(steps))
+        return DraftWindow([int(t[r]) for t in steps[:m]], None, self.name) if m else None
 
     def take(self, verdict: Verdict, sent: DraftWindow | None = None) -> DraftWindow | None:
         hit = self._branches.get((verdict.accepted, verdict.token))
