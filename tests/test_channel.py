@@ -126,6 +126,44 @@ def test_hits_answered_before_their_rollout_stops_decode_the_same(bundled, draft
     assert draft_server.servicer.sessions == {}
 
 
+@pytest.mark.parametrize("method", ["sd", "mirror"])
+def test_the_default_draft_takes_the_targets_prompt_kv_and_decodes_the_same(bundled, draft_server, method,
+                                                                             monkeypatch):
+    """Open.prompt_kv with the default's draft (n-gram else the target's own GGUF blocks, which
+    prefill long prompts through the model's fp32 graph): the draft takes the target's prompt
+    K/V - into its cache exactly, with no prefill of its own - and the output stays plain
+    decoding's."""
+    from mirror.decoding.drafters.network import NetworkDrafter
+
+    took, warmed = [], []
+    adopt, warm = NetworkDrafter.adopt_kv, NetworkDrafter.warm
+
+    def spy_adopt(self, prompt, k, v):
+        ok = adopt(self, prompt, k, v)
+        n = len(prompt)
+        took.append(ok and torch.equal(self.cache.k[:, 0, :, :n], k) and torch.equal(self.cache.v[:, 0, :, :n], v))
+        return ok
+
+    monkeypatch.setattr(NetworkDrafter, "adopt_kv", spy_adopt)
+    monkeypatch.setattr(NetworkDrafter, "warm", lambda self, prompt: warmed.append(len(prompt)) or warm(self, prompt))
+    spec = SpecConfig(method=method, draft="ngram+model", draft_model="target", draft_quant="gguf", combine_min=1.2,
+                      ngram_datastore="bundled", gamma=5, kappa=8, pre_budget=1 if method == "mirror" else 0,
+                      budget=1, branch_batch=1, rollout_stop="verdict")
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    ids = bundled.tokenizer.encode_chat([{"role": "user", "content": " ".join(PROMPTS * 4)}])
+    assert len(ids) >= 64  # PREFILL_MIN: a prompt the draft prefills through the fp32 graph
+    from mirror.decoding.factory import prompt_kv_min
+    assert prompt_kv_min(spec) == 64
+    ref = generate(bundled.model, bundled.tokenizer, ids, params, SpecConfig(method="ar"))
+    with DraftChannelClient(draft_server.address, session_timeout=120) as client:
+        target = TargetPipeline(bundled.model, params, spec)
+        res = generate_remote(target, client, bundled.tokenizer, ids, params, spec, prompt_kv=True)
+    assert res.ids == ref.ids
+    assert took == [True] and warmed == []
+    assert res.metrics.draft_tokens_computed > 0
+    assert draft_server.servicer.sessions == {}
+
+
 def test_sampled_sd_through_the_channel_equals_in_process(bundled, draft_server):
     """Serial drafting consumes the draft's seeded generator the same way on both paths, so
     the sampled output (and the draft probabilities that crossed the channel) must match."""
@@ -342,6 +380,71 @@ def test_a_warmed_network_draft_drafts_what_a_cold_one_does(bundled, draft_serve
         assert session.pipeline.drafter.kv >= len(ids) + 1
         client.close()
     assert len(cold.ids) == 5 and warm.ids == cold.ids
+
+
+class KvDrafter(ScriptedDrafter):
+    """Takes the prompt's K/V when `takes` (records what it got)."""
+
+    def __init__(self, takes: bool):
+        super().__init__()
+        self.takes, self.got = takes, None
+
+    def adopt_kv(self, prompt, k, v):
+        self.got = (list(prompt), k.clone(), v.clone())
+        return self.takes
+
+
+class _Cache:  # a KVCache's layout: k, v [layers, rows, kv_heads, positions, head_dim]
+    def __init__(self, L=3, H=2, S=9, D=4):
+        self.k, self.v = torch.randn(L, 1, H, S, D), torch.randn(L, 1, H, S, D)
+
+
+@pytest.mark.parametrize("takes", [True, False])
+def test_the_prompt_kv_replaces_the_drafts_prefill(takes):
+    """Open.prompt_kv: the draft does not prefill while the target does; the target's prompt
+    K/V arrive in slices (here one position each) and the drafter gets them whole and exact at
+    First. A drafter that cannot take them prefills the prompt then, before window 0."""
+    pipelines = []
+
+    def factory(req):
+        pipelines.append(ScriptedPipeline(req))
+        pipelines[-1].drafter = KvDrafter(takes)
+        return pipelines[-1]
+
+    cache = _Cache()
+    with DraftServer(factory) as srv:
+        with DraftChannelClient(srv.address, session_timeout=60, reply_timeout=5) as client:
+            client.KV_SLICE_BYTES = 2 * 4 * 4  # kv_heads * head_dim * 4 bytes: one position a slice
+            assert client.open([5, 6, 7, 8], None, 0, SPEC, PARAMS, prompt_kv=True) is None
+            sent = client.send_prompt_kv(cache, 4)
+            assert sent == 2 * 3 * 2 * 4 * 4 * 4  # k and v, 3 layers, 2 heads, 4 positions, 4 dims
+            assert client.first(9, 2).ids == [1, 1]
+            client.close()
+        wait_until(lambda: srv.servicer.sessions == {})
+    (p,) = pipelines
+    prompt, k, v = p.drafter.got
+    assert prompt == [5, 6, 7, 8]
+    assert torch.equal(k, cache.k[:, 0, :, :4]) and torch.equal(v, cache.v[:, 0, :, :4])
+    warmed = [e for e in p.events if e[0] == "warm"]
+    assert warmed == ([] if takes else [("warm", (5, 6, 7, 8))])
+    assert p.events[len(warmed)] == ("start", (5, 6, 7, 8, 9), 2)
+
+
+def test_malformed_or_unasked_prompt_kv_is_refused(scripted):
+    srv, _ = scripted
+    with DraftChannelClient(srv.address, session_timeout=60, reply_timeout=5) as client:
+        with pytest.raises(ChannelError, match="prompt_kv needs a deferred open"):
+            client.open([5, 6], 7, 2, SPEC, PARAMS, prompt_kv=True)
+        client.open([5, 6], None, 0, SPEC, PARAMS)  # no prompt_kv: the draft prefills itself
+        client.send_prompt_kv(_Cache(), 2)
+        with pytest.raises(ChannelError, match="PromptKV without Open.prompt_kv"):
+            client.first(7, 2)
+        client.open([5, 6], None, 0, SPEC, PARAMS, prompt_kv=True)
+        client._send(pb.TargetMessage(kv=pb.PromptKV(layer=0, start=1, length=2, total=2, kv_heads=1,
+                                                     head_dim=1, k=b"\0" * 8, v=b"\0" * 8)))
+        with pytest.raises(ChannelError, match="malformed PromptKV"):
+            client.first(7, 2)
+    wait_until(lambda: srv.servicer.sessions == {})
 
 
 class PreExpandingPipeline(ScriptedPipeline):

@@ -46,6 +46,9 @@ def test_bad_configs_are_rejected(tmp_path):
         "onnx target over two workers": {"target": {"backend": "onnx", "num_workers": 2}},
         "onnx target in bf16": {"dtype": "bf16", "target": {"backend": "onnx"}},
         "colocated draft beside two target workers": {"draft": {"colocate": True}, "target": {"num_workers": 2}},
+        "prefill cores not a list": {"target": {"prefill_cores": 1}},
+        "no prefill cores": {"target": {"prefill_cores": []}},
+        "a negative prefill core": {"target": {"prefill_cores": [0, -1]}},
     }
     for name, d in bad.items():
         p = tmp_path / "bad.yaml"

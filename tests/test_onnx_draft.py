@@ -810,6 +810,49 @@ def test_in_one_process_the_draft_adopts_the_targets_prompt_kv(tmp_path, monkeyp
     assert calls == [n + 1]  # the eager target's draft prefills through its own fp32 graph (prompt + root)
 
 
+def test_behind_the_channel_the_draft_takes_sent_prompt_kv_only_where_it_would_prefill_fp32(tmp_path):
+    """Open.prompt_kv: the K/V the target sends (here its onnx graph's) are taken by a gguf
+    draft that would prefill that prompt through the model's fp32 graph - the same K/V - and
+    it then drafts what it drafts after its own prefill. Too short a prompt under `auto`,
+    draft_prefill=draft, or K/V of another shape are refused, leaving the draft untouched;
+    prompt_kv_min says which specs ask for them."""
+    from dataclasses import replace
+
+    from mirror.decoding.ar import prefill
+    from mirror.decoding.drafters.network import PREFILL_MIN
+    from mirror.decoding.factory import build_drafter, prompt_kv_min
+    from mirror.models.ort_target import OrtTarget
+
+    _, target = _gguf_target(tmp_path, "Q4_1")
+    ort = OrtTarget(target)
+    spec = SpecConfig(method="sd", draft="ngram+model", draft_model="target", draft_quant="gguf", gamma=3)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompt = torch.randint(1, 256, (PREFILL_MIN + 5,), generator=torch.Generator().manual_seed(5)).tolist()
+    n = len(prompt)
+    cache = ort.new_cache(1, 128)
+    prefill(ort, cache, prompt)
+    k, v = cache.k[:, 0, :, :n].clone(), cache.v[:, 0, :, :n].clone()
+    own = build_drafter(target, spec, params, 128)  # another process's draft: its own fp32 graph
+    sent = build_drafter(target, spec, params, 128)
+    with torch.inference_mode():
+        own.warm(prompt)
+        assert sent.adopt_kv(prompt, k, v) and sent.net.kv == n
+        assert torch.equal(sent.net.cache.k[:, 0, :, :n], k) and torch.equal(sent.net.cache.v[:, 0, :, :n], v)
+        for d in (own, sent):
+            d.start(prompt + [7])
+        assert sent.propose(3).ids == own.propose(3).ids
+        assert torch.equal(sent.net.cache.k[:, 0, :, :n], own.net.cache.k[:, 0, :, :n])
+        fresh = build_drafter(target, spec, params, 128)
+        assert not fresh.adopt_kv(prompt[:PREFILL_MIN - 1], k[:, :, :PREFILL_MIN - 1], v[:, :, :PREFILL_MIN - 1])
+        assert not fresh.adopt_kv(prompt, k[:, :1], v[:, :1])  # one kv head of several
+        assert fresh.net.kv == 0
+        assert not build_drafter(target, replace(spec, draft_prefill="draft"), params, 128).adopt_kv(prompt, k, v)
+    assert prompt_kv_min(spec) == PREFILL_MIN and prompt_kv_min(replace(spec, draft_prefill="fp32")) == 1
+    assert prompt_kv_min(replace(spec, draft_prefill="draft")) is None
+    assert prompt_kv_min(replace(spec, draft="ngram", draft_model=None, draft_quant="none")) is None
+    assert prompt_kv_min(replace(spec, draft_quant="int8")) is None
+
+
 def test_gguf_draft_runs_under_onnx_runtime_whatever_the_backend_and_needs_gguf_blocks(tmp_path, monkeypatch):
     """The file's blocks have no PyTorch kernel: draft_backend=torch still gets the built graph.
     A model not loaded from a GGUF file, or a GGUF file without quantized blocks, is refused -

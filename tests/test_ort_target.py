@@ -249,3 +249,77 @@ def test_attending_over_a_cache_slice_is_bit_identical_to_the_whole_row(preset, 
     monkeypatch.undo()
     assert ot._attended(203, 41, 41) == 41 and ot._attended(203, 90, 1) == 90
     assert ot._attended(203, 150, 6) == 203 and ot._attended(203, 203, 64) == 203
+
+
+def _fresh(code: str) -> str:
+    """Run `code` in a fresh interpreter (ONNX Runtime's thread pools are per process)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_a_prefill_on_more_cores_is_bit_identical_and_only_for_prompts():
+    """target.prefill_cores: a worker decoding on one core prefills on two (a second session
+    set, one pool thread pinned to the other core). Prompt-sized calls take it and give the very
+    logits and K/V the one-thread sessions give; verify windows stay on the one-thread sessions."""
+    out = _fresh("""
+        import os, torch
+        from helpers import tiny_model
+        from mirror.models.ort_target import OrtTarget
+        from mirror.decoding.ar import prefill
+        c0, c1 = sorted(os.sched_getaffinity(0))[:2]
+        os.sched_setaffinity(0, {c0})
+        torch.set_num_threads(1)
+        model = tiny_model("tiny")
+        wide = OrtTarget(model, splits=[1], threads=1, prefill_cores=[c0, c1])
+        assert wide.prefill_threads == 2 and "prefill 2 threads" in wide.pool, wide.pool
+        assert set(wide.prefill_segments) == set(wide.segments) == {(0, 1), (1, model.cfg.n_layers)}
+        calls = {"wide": 0}
+        for key, sess in list(wide.prefill_segments.items()):
+            class Counted:
+                def __init__(self, s): self.s = s
+                def run(self, *a):
+                    calls["wide"] += 1
+                    return self.s.run(*a)
+            wide.prefill_segments[key] = Counted(sess)
+        narrow = OrtTarget(model, splits=[1], threads=1)
+        assert narrow.prefill_threads == 1 and not narrow.prefill_segments
+        ids = torch.randint(0, model.cfg.vocab_size, (100,), generator=torch.Generator().manual_seed(0)).tolist()
+        cw, cn = model.new_cache(1, 128), model.new_cache(1, 128)
+        lw, ln = prefill(wide, cw, ids[:90]), prefill(narrow, cn, ids[:90])
+        assert calls["wide"] == 2, calls  # one chunk, two segments
+        assert torch.equal(lw, ln) and torch.equal(cw.k, cn.k) and torch.equal(cw.v, cn.v)
+        win = torch.tensor([ids[90:96]]); pos = torch.arange(90, 96)[None]
+        assert torch.equal(wide(win, pos, cw, kv_len=96), narrow(win, pos, cn, kv_len=96))
+        assert calls["wide"] == 2, calls  # a 6-token window: the one-thread sessions
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_prefill_cores_are_ignored_beside_a_shared_pool():
+    """Once the process has ONNX Runtime's shared pool (an onnx target made first), sessions of
+    their own are refused: prefill_cores is then ignored with a warning, not an error."""
+    out = _fresh("""
+        import logging, os, torch
+        logging.basicConfig(level=logging.WARNING)
+        from helpers import tiny_model
+        from mirror.models.ort_target import OrtTarget
+        model = tiny_model("tiny")
+        first = OrtTarget(model, threads=1)
+        assert first.pool.startswith("shared"), first.pool
+        c = sorted(os.sched_getaffinity(0))[0]
+        os.sched_setaffinity(0, {c})
+        again = OrtTarget(model, threads=1, prefill_cores=list(range(os.cpu_count())))
+        assert again.prefill_threads == 1 and not again.prefill_segments
+        print("ok")
+    """)
+    assert "ok" in out

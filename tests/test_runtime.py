@@ -67,6 +67,7 @@ def test_workers_are_placed_and_pinned_on_separate_cores(engine):
     assert t["placement"]["cores"] == [0] and d["placement"]["cores"] == [1]
     assert t["pid"] != d["pid"]
     assert t["placement"]["threads"] == 1 and d["placement"]["threads"] == 1
+    assert t["prefill_threads"] == 2  # target.prefill_cores [0, 1]: prompts prefill on both cores
 
 
 @pytest.mark.parametrize("method", ["mirror", "sd"])
@@ -124,6 +125,30 @@ def test_the_draft_prefills_the_prompt_while_the_target_does(engine, bundled, lo
     (prefill,) = [e for e in events if e["name"] == "target.start"]
     assert warm["pid"] != prefill["pid"]
     assert warm["ts"] < prefill["ts"] + prefill["dur"] and prefill["ts"] < warm["ts"] + warm["dur"]
+
+
+def test_the_default_draft_takes_the_targets_prompt_kv_after_its_prefill_on_both_cores(engine, bundled,
+                                                                                       local_target):
+    """The embedded default with a long prompt: the target worker prefills on both cores, then
+    sends the prompt's K/V; the draft worker takes them (draft.take_kv) instead of prefilling
+    (no draft.warm), and the output is still plain decoding's."""
+    text = " ".join([PROMPT] * 12)
+    ids = engine.tokenizer.encode_chat([{"role": "user", "content": text}])
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ref = generate_ar(local_target, bundled.tokenizer, ids, params).ids
+    args = GenerateArgs(ids, params, DeploymentConfig.local().speculative)
+    run(engine, args)  # builds the draft's graph on the draft worker
+    origin = engine.runtime.start_trace()
+    out, last = run(engine, args)
+    events = engine.runtime.stop_trace(origin).events
+    assert out == ref and last.finish_reason == "length" and not engine.completed[-1]["degraded"]
+    names = [e["name"] for e in events]
+    assert "draft.warm" not in names
+    (sent,) = [e for e in events if e["name"] == "channel.send_prompt_kv"]
+    (took,) = [e for e in events if e["name"] == "draft.take_kv"]
+    (prefill,) = [e for e in events if e["name"] == "target.start"]
+    assert took["pid"] != prefill["pid"] == sent["pid"]
+    assert prefill["ts"] + prefill["dur"] <= sent["ts"] <= took["ts"]
 
 
 def test_killing_the_draft_mid_request_still_completes_exactly(engine, reference):

@@ -169,6 +169,22 @@ def draft_prefill(spec: SpecConfig, net) -> int | None:
     return (1 if spec.draft_prefill == "fp32" else PREFILL_MIN) if ok else None
 
 
+def prompt_kv_min(spec: SpecConfig) -> int | None:
+    """Behind the channel: the shortest prompt whose K/V the target sends the draft instead of
+    the draft prefilling it (Open.prompt_kv), or None. Only where the draft would prefill
+    through the very fp32 graph the target runs - its network part is the target's own GGUF
+    blocks (draft_model=target, draft_quant=gguf), prefilling through the model's fp32 weights
+    (`draft_prefill`: "fp32" every prompt, "auto" from PREFILL_MIN tokens). The draft checks
+    again (Drafter.adopt_kv) and prefills itself when it cannot take them."""
+    from .drafters.network import PREFILL_MIN
+
+    kinds = spec.draft.split("+")
+    if "model" not in kinds or spec.draft_model != "target" or spec.draft_quant != "gguf" \
+            or spec.draft_prefill == "draft":
+        return None
+    return 1 if spec.draft_prefill == "fp32" else PREFILL_MIN
+
+
 def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams, max_len: int,
                   net: DraftNet | None = None, target_backend: str | None = None) -> Drafter:
     """`target_backend`: the backend the target verifies on, for the window stop's cost curve

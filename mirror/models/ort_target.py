@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
+import os
 import time
 
 import numpy as np
@@ -33,6 +35,8 @@ import torch
 
 from .kv_cache import KVCache
 from .llama import Transformer
+
+log = logging.getLogger(__name__)
 
 NEG = float(np.finfo(np.float32).min)
 
@@ -288,19 +292,30 @@ def join_global_pool(so) -> bool:
     return False
 
 
-def _session(graph: Graph, threads: int):
+def _session(graph: Graph, threads: int, own: bool = False, affinity: str | None = None,
+             shared: dict | None = None, prepack: bool = True):
+    """`own`: the session's own pool of `threads` (not the shared one; sleeping between calls),
+    its extra threads pinned by `affinity` (ONNX Runtime's "session.intra_op_thread_affinities":
+    1-based processor ids, one entry per pool thread; the caller's thread is the first)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    if graph.external:  # ONNX Runtime copies them into the session (then pre-packs the MatMul weights)
+    if shared is not None:  # the session reads these OrtValues in place (they outlive it: `shared` holds them)
+        for name, value in shared.items():
+            so.add_initializer(name, value)
+    elif graph.external:  # ONNX Runtime copies them into the session (then pre-packs the MatMul weights)
         names = list(graph.external)
         so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(graph.external[n]) for n in names])
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if _global_pool(threads) or join_global_pool(so):  # (a pool of another size, made first: joined)
+    if not own and (_global_pool(threads) or join_global_pool(so)):  # (a pool of another size, made first: joined)
         so.use_per_session_threads = False
     else:  # own pools that sleep between calls: slower, but they do not fight each other
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if affinity:
+            so.add_session_config_entry("session.intra_op_thread_affinities", affinity)
     so.log_severity_level = 3
     return ort.InferenceSession(graph.proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
@@ -331,7 +346,17 @@ class OrtTarget:
     backend = "onnx"
     EXIT_HEADS_KEPT = 4  # trimmed early-exit head sessions kept (~20 MB each for an 8K trim)
 
-    def __init__(self, model: Transformer, splits=(), threads: int | None = None):
+    PREFILL_ROWS = 64  # calls of at least this many tokens run on the prefill sessions, if any
+
+    def __init__(self, model: Transformer, splits=(), threads: int | None = None,
+                 prefill_cores: list[int] | None = None):
+        """`prefill_cores`: cores the prompt's prefill may use when they are more than `threads`
+        (a worker decoding on one core of a CPU whose other core is idle while it prefills, the
+        draft waiting for the prompt's K/V): calls of PREFILL_ROWS tokens or more then run on
+        a second set of sessions (the same graphs, so bit for bit the same results, ~2x the
+        memory) with one thread per core - this thread, plus one pinned to each core of
+        `prefill_cores` it is not on. Needs this process to have no shared ONNX Runtime pool
+        (the target's sessions then own one-thread pools); otherwise ignored, with a warning."""
         try:
             import onnx  # noqa: F401
             import onnxruntime  # noqa: F401
@@ -347,22 +372,49 @@ class OrtTarget:
         self.bounds: list[int] = []
         self.segments: dict[tuple[int, int], object] = {}
         self._exit_heads: dict[tuple, object] = {}  # (kappa, digest) -> run, least recently used first
+        self.prefill_threads, self._prefill_affinity = self.threads, None
+        self.prefill_segments: dict[tuple[int, int], object] = {}
+        self._own = False
+        others = sorted(set(prefill_cores or ()) - os.sched_getaffinity(0))
+        if any(c >= (os.cpu_count() or 1) for c in others):
+            log.warning("prefill_cores %s: this machine has cores 0-%d only", prefill_cores, (os.cpu_count() or 1) - 1)
+            others = [c for c in others if c < (os.cpu_count() or 1)]
+        if prefill_cores and others and self.threads == 1:
+            if _GLOBAL_POOL:
+                log.warning("prefill_cores %s ignored: this process already has a shared ONNX Runtime pool "
+                            "(%d threads)", prefill_cores, _GLOBAL_POOL)
+            else:
+                self._own = True
+                self.prefill_threads = 1 + len(others)
+                self._prefill_affinity = ";".join(str(c + 1) for c in others)
         t0 = time.perf_counter()
-        self.head_sess = _session(head_graph(model), self.threads)
+        self.head_sess = self._session(head_graph(model))
         self._set_bounds(sorted({0, model.cfg.n_layers, *splits}))
         self.build_s = time.perf_counter() - t0
-        self.pool = f"shared, {_GLOBAL_POOL} threads" if _GLOBAL_POOL else \
+        self.pool = f"shared, {_GLOBAL_POOL} threads" if _GLOBAL_POOL and not self._own else \
             f"per session, {self.threads} threads, no spinning"
+        if self.prefill_threads > self.threads:
+            self.pool += f"; prefill {self.prefill_threads} threads (cores {sorted(set(prefill_cores))})"
+
+    def _session(self, graph: Graph, prefill: bool = False):
+        if prefill:
+            return _session(graph, self.prefill_threads, own=True, affinity=self._prefill_affinity)
+        return _session(graph, self.threads, own=self._own)
 
     # --- graphs --------------------------------------------------------------------------------
     def _set_bounds(self, bounds: list[int]) -> None:
         for b in bounds:
             if not 0 <= b <= self.cfg.n_layers:
                 raise ValueError(f"split {b} outside [0, {self.cfg.n_layers}]")
-        segs = {}
+        segs, wide = {}, {}
         for a, b in zip(bounds, bounds[1:]):
-            segs[(a, b)] = self.segments.get((a, b)) or _session(segment_graph(self.model, a, b), self.threads)
-        self.bounds, self.segments = bounds, segs
+            graph = None
+            if (a, b) not in self.segments or (self.prefill_threads > self.threads and (a, b) not in self.prefill_segments):
+                graph = segment_graph(self.model, a, b)
+            segs[(a, b)] = self.segments.get((a, b)) or self._session(graph)
+            if self.prefill_threads > self.threads:
+                wide[(a, b)] = self.prefill_segments.get((a, b)) or self._session(graph, prefill=True)
+        self.bounds, self.segments, self.prefill_segments = bounds, segs, wide
 
     def split_at(self, layer: int) -> None:
         if layer not in self.bounds:
@@ -386,7 +438,7 @@ class OrtTarget:
         key = (kappa, digest.hexdigest(), quant)
         run = self._exit_heads.pop(key, None)
         if run is None:
-            sess = _session(exit_graph(self.model, keep_ids, kappa, down, up, quant), self.threads)
+            sess = self._session(exit_graph(self.model, keep_ids, kappa, down, up, quant))
 
             def run(h: torch.Tensor):
                 ids, logp = sess.run(None, {"h": h.reshape(-1, h.shape[-1]).float().contiguous().numpy()})
@@ -463,6 +515,7 @@ class OrtTarget:
         common = {"position_ids": positions.contiguous().numpy(), "mask": mask.numpy(), "pos_idx": pos_idx.numpy()}
         span = bool((pos == torch.arange(int(pos[0]), int(pos[0]) + T)).all())
         x = h.float().contiguous()
+        sessions = self.prefill_segments if T >= self.PREFILL_ROWS and self.prefill_segments else self.segments
         for a, b in zip(self.bounds, self.bounds[1:]):
             if a < start or b > end:
                 continue
@@ -475,7 +528,7 @@ class OrtTarget:
                 else:  # its first S positions (a copy: the slice is strided over heads)
                     feeds[f"k_cache_{i}"] = np.ascontiguousarray(kc[row:row + 1, :, :S].numpy())
                     feeds[f"v_cache_{i}"] = np.ascontiguousarray(vc[row:row + 1, :, :S].numpy())
-            out, k_new, v_new = self.segments[(a, b)].run(None, feeds)
+            out, k_new, v_new = sessions[(a, b)].run(None, feeds)
             j0 = a - cache.layers.start
             kn, vn = torch.from_numpy(k_new), torch.from_numpy(v_new)  # [L, Hk, T, hd]
             if span:

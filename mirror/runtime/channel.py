@@ -45,6 +45,7 @@ import grpc
 import numpy as np
 import torch
 
+from .. import trace
 from ..decoding.drafters.base import DraftStats
 from ..decoding.messages import DraftWindow, EarlyExitSignal, Verdict
 from ..decoding.speculative import DraftPipeline
@@ -188,6 +189,7 @@ class _Session:
         self.preparing: futures.Future | None = None
         self.closed = False
         self.started = False  # window 0 sent
+        self.kv_slices: dict | None = None  # Open.prompt_kv: the prompt's K/V so far (put_kv)
         # rollout_stop="predict": when the verdict is expected (signal arrival + an average of
         # earlier signal -> verdict times) and how long one rollout step takes
         self._signal_t: float | None = None
@@ -200,6 +202,51 @@ class _Session:
         """A deferred open: prefill the prompt while the target prefills it too."""
         with torch.inference_mode():
             self.pipeline.warm(self.req.prompt_ids)
+
+    def put_kv(self, kv: pb.PromptKV) -> None:
+        """Open.prompt_kv: one slice of the prompt's K/V from the target, checked and copied into
+        place as it arrives (the drafter takes the whole at First, `take_kv`)."""
+        if self.kv_slices is None:
+            raise ValueError("PromptKV without Open.prompt_kv")
+        n = len(self.req.prompt_ids)
+        size = kv.kv_heads * kv.length * kv.head_dim * 4
+        if kv.total != n or kv.length < 1 or kv.start < 0 or kv.start + kv.length > n or kv.layer < 0 \
+                or kv.layer >= kv.layers or kv.layers > self.KV_LAYERS_MAX or kv.kv_heads < 1 or kv.head_dim < 1 \
+                or len(kv.k) != size or len(kv.v) != size:
+            raise ValueError(f"malformed PromptKV (layer {kv.layer}, positions {kv.start}+{kv.length} of "
+                             f"{kv.total}, prompt {n}, {len(kv.k)} bytes)")
+        slices = self.kv_slices
+        if slices["k"] is None:  # the first slice sets the shape (the layers and heads of the target's cache)
+            dims = (kv.layers, kv.kv_heads, n, kv.head_dim)
+            slices["k"], slices["v"] = np.empty(dims, np.float32), np.empty(dims, np.float32)
+            slices["covered"] = np.zeros((kv.layers, n), bool)
+        elif (kv.layers, kv.kv_heads, kv.head_dim) != tuple(slices["k"].shape[i] for i in (0, 1, 3)):
+            raise ValueError("PromptKV slices of different shapes")
+        shape = (kv.kv_heads, kv.length, kv.head_dim)
+        at = slice(kv.start, kv.start + kv.length)
+        slices["k"][kv.layer, :, at] = np.frombuffer(kv.k, np.float32).reshape(shape)
+        slices["v"][kv.layer, :, at] = np.frombuffer(kv.v, np.float32).reshape(shape)
+        slices["covered"][kv.layer, at] = True
+        slices["count"] += 1
+
+    KV_LAYERS_MAX = 1024
+
+    def take_kv(self) -> bool:
+        """At First, after Open.prompt_kv: hand the prompt's K/V to the drafter, or (it cannot
+        take them, or they do not cover the prompt) prefill the prompt now. Returns whether
+        the drafter took them."""
+        slices, self.kv_slices = self.kv_slices, None
+        n = len(self.req.prompt_ids)
+        whole = slices["k"] is not None and bool(slices["covered"].all())
+        adopt = getattr(self.pipeline.drafter, "adopt_kv", None)  # (a duck-typed drafter may have none)
+        with torch.inference_mode(), trace.span("draft.take_kv", "draft", tokens=n, slices=slices["count"]):
+            took = whole and adopt is not None and adopt(self.req.prompt_ids, torch.from_numpy(slices["k"]),
+                                                         torch.from_numpy(slices["v"]))
+        if not took:
+            log.warning("the draft could not take the prompt's K/V (%d slices); it prefills the prompt itself",
+                        slices["count"])
+            self.warm()
+        return took
 
     def start(self) -> DraftWindow:
         self.started = True
@@ -357,8 +404,12 @@ class DraftChannelServicer(channel_pb2_grpc.DraftChannelServicer):
                             session = None
                             raise ValueError(f"session {req.session_id!r} already exists")
                         self.sessions[req.session_id] = session
-                    if o.defer_first:  # the first token comes later (First): prefill meanwhile
+                    if o.defer_first and o.prompt_kv:  # the prompt's K/V come from the target, then First
+                        session.kv_slices = {"k": None, "v": None, "covered": None, "count": 0}
+                    elif o.defer_first:  # the first token comes later (First): prefill meanwhile
                         session.warm()
+                    elif o.prompt_kv:
+                        raise ValueError("Open.prompt_kv needs Open.defer_first")
                     else:
                         yield pb.DraftMessage(window=window_to_proto(session.start(), step=0))
                         session.window_sent()
@@ -368,8 +419,14 @@ class DraftChannelServicer(channel_pb2_grpc.DraftChannelServicer):
                     if session.started:
                         raise ValueError("first token after the first window (open was not deferred)")
                     session.req.first_token, session.req.gamma = msg.first.token, msg.first.gamma
+                    if session.kv_slices is not None:
+                        session.take_kv()
                     yield pb.DraftMessage(window=window_to_proto(session.start(), step=0))
                     session.window_sent()
+                elif kind == "kv":
+                    if session.started:
+                        raise ValueError("PromptKV after the first window")
+                    session.put_kv(msg.kv)
                 elif not session.started and kind in ("signal", "verdict"):
                     raise ValueError(f"{kind} before the first token")
                 elif kind == "signal":
@@ -537,14 +594,17 @@ class DraftChannelClient:
 
     def open(self, prompt_ids: list[int], first_token: int | None, gamma: int, spec: SpecConfig,
              params: SamplingParams, session_id: str | None = None,
-             ack_signals: bool = False, push_branches: bool = False) -> DraftWindow | None:
+             ack_signals: bool = False, push_branches: bool = False, prompt_kv: bool = False) -> DraftWindow | None:
         """Start a session; returns the draft's first window (drafted from prompt + first token).
         With `first_token=None` it returns at once (None): the draft prefills the prompt while
         the target prefills it, and `first(token, gamma)` then returns the first window.
         `push_branches` (Mirror-SD): the draft sends each signal's finished rollouts before the
-        verdict, and `send_verdict` returns a hit's window without waiting."""
+        verdict, and `send_verdict` returns a hit's window without waiting. `prompt_kv` (deferred
+        opens): the draft waits for `send_prompt_kv` instead of prefilling the prompt."""
         if self.is_open:
             raise ChannelError("a session is already open on this client")
+        if prompt_kv and first_token is not None:
+            raise ChannelError("prompt_kv needs a deferred open (first_token=None)")
         self.session_id = session_id or uuid.uuid4().hex
         self._out = queue.SimpleQueue()
         self._call = self.stub.Session(iter(self._out.get, _END), timeout=self.session_timeout)
@@ -554,8 +614,27 @@ class DraftChannelClient:
         self._send(pb.TargetMessage(open=pb.Open(
             session_id=self.session_id, prompt_ids=prompt_ids, first_token=first_token or 0, gamma=gamma,
             spec=spec_to_proto(spec), sampling=sampling_to_proto(params), ack_signals=ack_signals,
-            defer_first=first_token is None, push_branches=push_branches)))
+            defer_first=first_token is None, push_branches=push_branches, prompt_kv=prompt_kv)))
         return None if first_token is None else self._window(0)
+
+    KV_SLICE_BYTES = 4 << 20  # a PromptKV message carries at most about this much of k (and of v)
+
+    def send_prompt_kv(self, cache, n: int) -> int:
+        """After a deferred open with prompt_kv: the first `n` positions of `cache` row 0 (every
+        layer) as PromptKV slices; returns the bytes sent. Returns at once (queued)."""
+        L, _, H, _, D = cache.k.shape
+        first = getattr(getattr(cache, "layers", None), "start", 0)
+        step = max(1, self.KV_SLICE_BYTES // (H * D * 4))
+        sent = 0
+        for i in range(L):
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                k = cache.k[i, 0, :, s:e].float().numpy().tobytes()  # (one copy, C order)
+                v = cache.v[i, 0, :, s:e].float().numpy().tobytes()
+                self._send(pb.TargetMessage(kv=pb.PromptKV(layer=first + i, layers=first + L, start=s, length=e - s,
+                                                           total=n, kv_heads=H, head_dim=D, k=k, v=v)))
+                sent += len(k) + len(v)
+        return sent
 
     def first(self, token: int, gamma: int) -> DraftWindow:
         """After a deferred open: the target's first token; blocks until the first window arrives."""

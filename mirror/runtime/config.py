@@ -45,6 +45,10 @@ class TargetConfig:
     num_cpus: float = 1.0
     threads: int = 1
     cpu_affinity: list[int] | None = None  # cores for worker 0 (then the next ones); None = leave
+    # onnx backend, threads 1: cores the prompt's prefill may use (e.g. [0, 1] beside cpu_affinity
+    # [0]: the draft worker's core too, idle then - the draft takes the prompt's K/V from the
+    # target instead of prefilling it, where it would compute the same). None = cpu_affinity's
+    prefill_cores: list[int] | None = None
     tp_backend: str = "auto"  # gloo on CPU, nccl on CUDA
     resource: str | None = None  # optional custom Ray resource that marks target nodes
     # "torch" (eager), "onnx" (ONNX Runtime graphs: fp32, CPU, one worker) or "auto": onnx where it
@@ -64,6 +68,10 @@ class TargetConfig:
             raise ValueError(f"target.backend must be one of {', '.join(TARGET_BACKENDS)}, got {self.backend!r}")
         if self.backend == "onnx" and (self.device != "cpu" or self.num_workers != 1):
             raise ValueError("target.backend onnx runs one CPU worker (device cpu, num_workers 1)")
+        if self.prefill_cores is not None and (
+                not isinstance(self.prefill_cores, list) or not self.prefill_cores
+                or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.prefill_cores)):
+            raise ValueError(f"target.prefill_cores must be a non-empty list of core ids >= 0, got {self.prefill_cores!r}")
 
 
     def resolve_backend(self, dtype: str = "fp32") -> str:
@@ -195,7 +203,7 @@ class DeploymentConfig:
         """The embedded default - the same as deploy/local.yaml (a test keeps them equal), so
         `mirror generate` works from an installed package too."""
         return cls(name="local", placement="STRICT_PACK",
-                   target=TargetConfig(num_cpus=1, threads=1, cpu_affinity=[0]),
+                   target=TargetConfig(num_cpus=1, threads=1, cpu_affinity=[0], prefill_cores=[0, 1]),
                    draft=DraftConfig(backend="onnx", num_cpus=1, threads=1, cpu_affinity=[1], deadline_ms=2000.0),
                    speculative=SpecConfig(method="mirror", draft="ngram+model", combine_min=1.2, draft_model="target",
                                           draft_quant="gguf", pre_budget=1, budget=1, branch_batch=1, gamma=5,

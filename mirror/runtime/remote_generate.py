@@ -6,6 +6,7 @@ half of every rendezvous crosses gRPC:
 
     open (deferred) ----------------------------------------------> draft prefills the prompt
     target prefill (meanwhile)
+    (or, with prompt_kv: target prefill on more cores, then its prompt K/V -> the draft takes it)
     first token ----------------------------------------------------> window 0
     target.prefix -> signal ---- send_signal (returns at once) ----> draft expands branches
     target.suffix (meanwhile)
@@ -20,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from .. import trace
 from ..decoding.drafters.base import DraftStats
 from ..decoding.messages import DraftWindow, EarlyExitSignal, Verdict
 from ..decoding.result import GenerationResult
@@ -36,8 +38,13 @@ class RemoteDraftPipeline:
     generate_speculative reads the draft's counters from `draft.drafter.totals()` once, after
     the loop; here that call closes the session and returns the counters the draft sent."""
 
-    def __init__(self, client: DraftChannelClient, spec: SpecConfig, params: SamplingParams):
+    def __init__(self, client: DraftChannelClient, spec: SpecConfig, params: SamplingParams,
+                 prompt_kv: bool = False):
+        """`prompt_kv`: send the draft the prompt's K/V after the target's prefill rather than
+        have it prefill the prompt meanwhile (Open.prompt_kv; the caller decides where it pays:
+        TargetWorker._ships_prompt_kv)."""
         self.client, self.spec, self.params = client, spec, params
+        self.prompt_kv = prompt_kv
         # Mirror-SD: the draft pushes its finished rollouts, so a hit needs no round trip
         self.push = spec.push_branches and spec.method == "mirror"
         self.drafter = self
@@ -46,11 +53,18 @@ class RemoteDraftPipeline:
 
     def begin(self, prompt: list[int]) -> None:
         """Open the session before the target's prefill: the draft prefills the prompt meanwhile."""
-        self.client.open(prompt, None, 0, self.spec, self.params, push_branches=self.push)
+        self.client.open(prompt, None, 0, self.spec, self.params, push_branches=self.push,
+                         prompt_kv=self.prompt_kv)
         self._begun = list(prompt)
 
     def adopt(self, prompt: list[int], target) -> bool:
-        return False  # another process: the draft prefilled the prompt itself, during the target's
+        """After the target's prefill: with prompt_kv, send the prompt's K/V from its cache (the
+        draft takes them at First); otherwise nothing - the draft prefilled meanwhile."""
+        if not self.prompt_kv or self._begun != list(prompt):
+            return False
+        with trace.span("channel.send_prompt_kv", "channel", tokens=len(prompt)):
+            self.client.send_prompt_kv(target.cache, len(prompt))
+        return True
 
     def start(self, ctx: list[int], gamma: int) -> DraftWindow:
         begun, self._begun = self._begun, None
@@ -83,12 +97,13 @@ class RemoteDraftPipeline:
 def generate_remote(target: TargetPipeline, client: DraftChannelClient, tokenizer: Tokenizer,
                     prompt_ids: list[int], params: SamplingParams, spec: SpecConfig,
                     on_chunk: Callable[[str, list[int]], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+                    should_stop: Callable[[], bool] | None = None, prompt_kv: bool = False) -> GenerationResult:
     """`generate_speculative` (sd or mirror) with the draft served by a DraftChannelServicer.
 
     `target` is this process's TargetPipeline (built with the same params and spec); the
-    draft side builds its drafter from the spec and params sent in the session's Open."""
-    draft = RemoteDraftPipeline(client, spec, params)
+    draft side builds its drafter from the spec and params sent in the session's Open.
+    `prompt_kv`: the draft takes the prompt's K/V from `target`'s cache instead of prefilling it."""
+    draft = RemoteDraftPipeline(client, spec, params, prompt_kv=prompt_kv)
     try:
         with torch.inference_mode():
             return generate_speculative(target, draft, tokenizer, prompt_ids, params, spec,

@@ -64,9 +64,9 @@ def _load(deploy: DeploymentConfig, tokenizer: bool = True):
 class DegradingDraftPipeline(RemoteDraftPipeline):
     """The remote draft, or - once it fails - no draft: empty windows, target-only decoding."""
 
-    def __init__(self, connect, spec: SpecConfig, params: SamplingParams):
+    def __init__(self, connect, spec: SpecConfig, params: SamplingParams, prompt_kv: bool = False):
         self.connect = connect
-        super().__init__(None, spec, params)
+        super().__init__(None, spec, params, prompt_kv=prompt_kv)
         self.degraded: str | None = None
 
     def _fail(self, what: str, e: Exception) -> DraftWindow:
@@ -87,6 +87,15 @@ class DegradingDraftPipeline(RemoteDraftPipeline):
             super().begin(prompt)  # returns at once: the draft prefills while the target does
         except Exception as e:
             self._fail("open", e)
+
+    def adopt(self, prompt: list[int], target) -> bool:
+        if self.client is None:
+            return False
+        try:
+            return super().adopt(prompt, target)
+        except Exception as e:
+            self._fail("prompt K/V", e)
+            return False
 
     def start(self, ctx: list[int], gamma: int) -> DraftWindow:
         if self.degraded is not None:
@@ -277,7 +286,7 @@ class TargetWorker(DraftHost):
             spec = self.deploy.speculative
             splits = [spec.resolve_exit_layer(self.model.cfg.n_layers)] if spec.method == "mirror" else []
             try:
-                self.model = OrtTarget(self.model, splits=splits, threads=t.threads)
+                self.model = OrtTarget(self.model, splits=splits, threads=t.threads, prefill_cores=t.prefill_cores)
                 torch.set_num_threads(1)  # host-side ops only: ONNX Runtime's pool has the cores (host_threads)
             except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own error types
                 if t.backend != "auto":
@@ -317,7 +326,8 @@ class TargetWorker(DraftHost):
 
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "rank": self.rank,
-                "placement": self.placement, "sessions": self._active, "backend": self.backend}
+                "placement": self.placement, "sessions": self._active, "backend": self.backend,
+                "prefill_threads": getattr(self.model, "prefill_threads", None)}
 
     def start_trace(self, origin_ns: int) -> None:
         from .. import trace
@@ -376,7 +386,8 @@ class TargetWorker(DraftHost):
                     res = generate_ar(self.driver, self.tokenizer, prompt_ids, params, on_chunk, should_stop=stop.is_set)
                 else:
                     draft = self._draft_pipeline(spec, params, draft_max_len(len(prompt_ids), params, spec)) \
-                        if self.colocated else DegradingDraftPipeline(lambda: self._connect(draft_address), spec, params)
+                        if self.colocated else DegradingDraftPipeline(lambda: self._connect(draft_address), spec, params,
+                                                                      prompt_kv=self._ships_prompt_kv(spec, prompt_ids))
                     exit_head = self._exit_head(spec)
                     target = TargetPipeline(self.driver, params, spec, exit_head=exit_head)
                     with torch.inference_mode():  # as the draft worker's channel runs its drafter
@@ -399,6 +410,16 @@ class TargetWorker(DraftHost):
                 if self.world > 1:
                     self.driver.release()
                 self._active -= 1
+
+    def _ships_prompt_kv(self, spec: SpecConfig, prompt_ids: list[int]) -> bool:
+        """Send the draft the prompt's K/V (Open.prompt_kv): where this target prefills on more
+        cores than it decodes on (target.prefill_cores: one of them is the draft's, so the draft
+        must not prefill meanwhile) and the draft would compute the same K/V."""
+        from ..decoding.factory import prompt_kv_min
+
+        wide = getattr(self.model, "prefill_threads", 1) > getattr(self.model, "threads", 1)
+        least = prompt_kv_min(spec)
+        return wide and self.world == 1 and least is not None and len(prompt_ids) >= least
 
     def _connect(self, address: str | None):
         from .channel import DraftChannelClient

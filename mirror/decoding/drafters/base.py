@@ -101,6 +101,12 @@ class Drafter:
         prefilling through the target's fp32 graph, NetworkDrafter.adopt_prompt)."""
         return False
 
+    def adopt_kv(self, prompt: list[int], k, v) -> bool:
+        """Behind the channel: the prompt's K/V as the target computed it (k, v [layers, kv_heads,
+        len(prompt), head_dim]), sent where this draft would prefill through the same fp32
+        graph (Open.prompt_kv); returns whether it took them (else it prefills in `warm`)."""
+        return False
+
     def propose(self, gamma: int) -> DraftWindow:
         raise NotImplementedError
 

@@ -38,6 +38,9 @@ class CombinedDrafter(Drafter):
     def adopt_prompt(self, prompt: list[int], cache, model) -> bool:
         return self.net.adopt_prompt(prompt, cache, model)  # the n-gram index is built in start
 
+    def adopt_kv(self, prompt: list[int], k, v) -> bool:
+        return self.net.adopt_kv(prompt, k, v)
+
     def totals(self):
         t = DraftStats(computed=self.ngram.stats.computed + self.net.stats.computed,
                        used=self.ngram.stats.used + self.net.stats.used,

@@ -201,14 +201,24 @@ class NetworkDrafter(Drafter):
         `net.prefill_model is model`), copy the prompt's K/V from the target's `cache` instead of
         computing it again. Returns whether it did; `start(prompt + [root])` then feeds the root."""
         n = len(prompt)
-        if self.prefill is None or n < self.prefill or getattr(self.net, "prefill_model", None) is not model:
+        if getattr(self.net, "prefill_model", None) is not model or n > cache.k.shape[3]:
             return False
-        src, dst = cache, self.cache
-        if src.k.shape[:3] != dst.k.shape[:3] or src.k.shape[4] != dst.k.shape[4] or n > dst.k.shape[3]:
+        return self.adopt_kv(prompt, cache.k[:, 0, :, :n], cache.v[:, 0, :, :n])
+
+    @torch.inference_mode()
+    def adopt_kv(self, prompt: list[int], k: torch.Tensor, v: torch.Tensor) -> bool:
+        """The prompt's K/V ([layers, kv_heads, n, head_dim]) as the target's fp32 graph computed
+        it, where this draft would prefill `prompt` through that graph (draft_prefill): copied
+        into cache row 0 instead of computed. False (nothing changed) when this draft would not
+        prefill that way or the shapes are not its cache's."""
+        n, dst = len(prompt), self.cache
+        if self.prefill is None or n < self.prefill or n > dst.k.shape[3]:
+            return False
+        if tuple(k.shape) != (dst.k.shape[0], dst.k.shape[2], n, dst.k.shape[4]) or v.shape != k.shape:
             return False
         self.start(prompt)
-        dst.k[:, 0, :, :n].copy_(src.k[:, 0, :, :n])
-        dst.v[:, 0, :, :n].copy_(src.v[:, 0, :, :n])
+        dst.k[:, 0, :, :n].copy_(k)
+        dst.v[:, 0, :, :n].copy_(v)
         self.kv = n
         dst.set_length(0, n)
         self._warm = list(prompt)

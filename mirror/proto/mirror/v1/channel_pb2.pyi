@@ -77,7 +77,7 @@ class DraftSampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("session_id", "prompt_ids", "first_token", "gamma", "spec", "sampling", "ack_signals", "defer_first", "push_branches")
+    __slots__ = ("session_id", "prompt_ids", "first_token", "gamma", "spec", "sampling", "ack_signals", "defer_first", "push_branches", "prompt_kv")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class Open(_message.Message):
     ACK_SIGNALS_FIELD_NUMBER: _ClassVar[int]
     DEFER_FIRST_FIELD_NUMBER: _ClassVar[int]
     PUSH_BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_KV_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     first_token: int
@@ -96,7 +97,30 @@ class Open(_message.Message):
     ack_signals: bool
     defer_first: bool
     push_branches: bool
-    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., gamma: _Optional[int] = ..., spec: _Optional[_Union[SpecConfig, _Mapping]] = ..., sampling: _Optional[_Union[DraftSampling, _Mapping]] = ..., ack_signals: _Optional[bool] = ..., defer_first: _Optional[bool] = ..., push_branches: _Optional[bool] = ...) -> None: ...
+    prompt_kv: bool
+    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., gamma: _Optional[int] = ..., spec: _Optional[_Union[SpecConfig, _Mapping]] = ..., sampling: _Optional[_Union[DraftSampling, _Mapping]] = ..., ack_signals: _Optional[bool] = ..., defer_first: _Optional[bool] = ..., push_branches: _Optional[bool] = ..., prompt_kv: _Optional[bool] = ...) -> None: ...
+
+class PromptKV(_message.Message):
+    __slots__ = ("layer", "start", "length", "total", "kv_heads", "head_dim", "k", "v", "layers")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    V_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    start: int
+    length: int
+    total: int
+    kv_heads: int
+    head_dim: int
+    k: bytes
+    v: bytes
+    layers: int
+    def __init__(self, layer: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., total: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., k: _Optional[bytes] = ..., v: _Optional[bytes] = ..., layers: _Optional[int] = ...) -> None: ...
 
 class First(_message.Message):
     __slots__ = ("token", "gamma")
@@ -143,20 +167,22 @@ class Close(_message.Message):
     def __init__(self) -> None: ...
 
 class TargetMessage(_message.Message):
-    __slots__ = ("open", "signal", "verdict", "cancel", "close", "first")
+    __slots__ = ("open", "signal", "verdict", "cancel", "close", "first", "kv")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
     FIRST_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
     open: Open
     signal: EarlyExitSignal
     verdict: Verdict
     cancel: Cancel
     close: Close
     first: First
-    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., signal: _Optional[_Union[EarlyExitSignal, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., first: _Optional[_Union[First, _Mapping]] = ...) -> None: ...
+    kv: PromptKV
+    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., signal: _Optional[_Union[EarlyExitSignal, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., first: _Optional[_Union[First, _Mapping]] = ..., kv: _Optional[_Union[PromptKV, _Mapping]] = ...) -> None: ...
 
 class DraftWindow(_message.Message):
     __slots__ = ("step", "ids", "probs", "vocab_size", "source")
