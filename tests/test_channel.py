@@ -439,11 +439,14 @@ def test_malformed_or_unasked_prompt_kv_is_refused(scripted):
         client.send_prompt_kv(_Cache(), 2)
         with pytest.raises(ChannelError, match="PromptKV without Open.prompt_kv"):
             client.first(7, 2)
-        client.open([5, 6], None, 0, SPEC, PARAMS, prompt_kv=True)
-        client._send(pb.TargetMessage(kv=pb.PromptKV(layer=0, start=1, length=2, total=2, kv_heads=1,
-                                                     head_dim=1, k=b"\0" * 8, v=b"\0" * 8)))
-        with pytest.raises(ChannelError, match="malformed PromptKV"):
-            client.first(7, 2)
+        for bad in (dict(layers=1, start=1),  # positions past the prompt
+                    dict(layers=0, start=0),  # layer 0 of none
+                    dict(layers=2 ** 31 - 1, start=0)):  # 32 GiB of K/V announced
+            client.open([5, 6], None, 0, SPEC, PARAMS, prompt_kv=True)
+            client._send(pb.TargetMessage(kv=pb.PromptKV(layer=0, length=2, total=2, kv_heads=1, head_dim=1,
+                                                         k=b"\0" * 8, v=b"\0" * 8, **bad)))
+            with pytest.raises(ChannelError, match="malformed PromptKV"):
+                client.first(7, 2)
     wait_until(lambda: srv.servicer.sessions == {})
 
 

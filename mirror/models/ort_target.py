@@ -292,22 +292,16 @@ def join_global_pool(so) -> bool:
     return False
 
 
-def _session(graph: Graph, threads: int, own: bool = False, affinity: str | None = None,
-             shared: dict | None = None, prepack: bool = True):
+def _session(graph: Graph, threads: int, own: bool = False, affinity: str | None = None):
     """`own`: the session's own pool of `threads` (not the shared one; sleeping between calls),
     its extra threads pinned by `affinity` (ONNX Runtime's "session.intra_op_thread_affinities":
     1-based processor ids, one entry per pool thread; the caller's thread is the first)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    if shared is not None:  # the session reads these OrtValues in place (they outlive it: `shared` holds them)
-        for name, value in shared.items():
-            so.add_initializer(name, value)
-    elif graph.external:  # ONNX Runtime copies them into the session (then pre-packs the MatMul weights)
+    if graph.external:  # ONNX Runtime copies them into the session (then pre-packs the MatMul weights)
         names = list(graph.external)
         so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(graph.external[n]) for n in names])
-    if not prepack:
-        so.add_session_config_entry("session.disable_prepacking", "1")
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if not own and (_global_pool(threads) or join_global_pool(so)):  # (a pool of another size, made first: joined)
         so.use_per_session_threads = False
@@ -353,9 +347,9 @@ class OrtTarget:
         """`prefill_cores`: cores the prompt's prefill may use when they are more than `threads`
         (a worker decoding on one core of a CPU whose other core is idle while it prefills, the
         draft waiting for the prompt's K/V): calls of PREFILL_ROWS tokens or more then run on
-        a second set of sessions (the same graphs, so bit for bit the same results, ~2x the
-        memory) with one thread per core - this thread, plus one pinned to each core of
-        `prefill_cores` it is not on. Needs this process to have no shared ONNX Runtime pool
+        a second set of sessions (the same graphs, so bit for bit the same results; +470 MB
+        for the bundled model, 795 -> 1,262 MB) with one thread per core - this thread, plus one
+        pinned to each core of `prefill_cores` it is not on. Needs this process to have no shared ONNX Runtime pool
         (the target's sessions then own one-thread pools); otherwise ignored, with a warning."""
         try:
             import onnx  # noqa: F401

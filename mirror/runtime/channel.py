@@ -203,6 +203,8 @@ class _Session:
         with torch.inference_mode():
             self.pipeline.warm(self.req.prompt_ids)
 
+    KV_BYTES_MAX = 16 << 30  # the prompt's K/V a session accepts (k and v, all layers)
+
     def put_kv(self, kv: pb.PromptKV) -> None:
         """Open.prompt_kv: one slice of the prompt's K/V from the target, checked and copied into
         place as it arrives (the drafter takes the whole at First, `take_kv`)."""
@@ -211,8 +213,9 @@ class _Session:
         n = len(self.req.prompt_ids)
         size = kv.kv_heads * kv.length * kv.head_dim * 4
         if kv.total != n or kv.length < 1 or kv.start < 0 or kv.start + kv.length > n or kv.layer < 0 \
-                or kv.layer >= kv.layers or kv.layers > self.KV_LAYERS_MAX or kv.kv_heads < 1 or kv.head_dim < 1 \
-                or len(kv.k) != size or len(kv.v) != size:
+                or kv.layer >= kv.layers or kv.kv_heads < 1 or kv.head_dim < 1 \
+                or len(kv.k) != size or len(kv.v) != size \
+                or 2 * kv.layers * kv.kv_heads * n * kv.head_dim * 4 > self.KV_BYTES_MAX:
             raise ValueError(f"malformed PromptKV (layer {kv.layer}, positions {kv.start}+{kv.length} of "
                              f"{kv.total}, prompt {n}, {len(kv.k)} bytes)")
         slices = self.kv_slices
@@ -228,8 +231,6 @@ class _Session:
         slices["v"][kv.layer, :, at] = np.frombuffer(kv.v, np.float32).reshape(shape)
         slices["covered"][kv.layer, at] = True
         slices["count"] += 1
-
-    KV_LAYERS_MAX = 1024
 
     def take_kv(self) -> bool:
         """At First, after Open.prompt_kv: hand the prompt's K/V to the drafter, or (it cannot
