@@ -760,6 +760,22 @@ def test_gguf_draft_prefills_long_prompts_with_the_exact_fp32_kv(tmp_path):
         build_drafter(target, SpecConfig(method="sd", draft="self", draft_layers=1, draft_prefill="fp32"), params, 128)
 
 
+def _prefilled_onnx_target(tmp_path, draft: str, n: int, seed: int):
+    """A tiny Q4_1 GGUF target, its onnx backend with an n-token random prompt prefilled, and an
+    sd spec whose `draft` network part is the target's own blocks."""
+    from mirror.decoding.ar import prefill
+    from mirror.models.ort_target import OrtTarget
+
+    _, target = _gguf_target(tmp_path, "Q4_1")
+    ort = OrtTarget(target)
+    spec = SpecConfig(method="sd", draft=draft, draft_model="target", draft_quant="gguf", gamma=3)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompt = torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    cache = ort.new_cache(1, 128)
+    prefill(ort, cache, prompt)
+    return target, ort, spec, params, prompt, cache
+
+
 def test_in_one_process_the_draft_adopts_the_targets_prompt_kv(tmp_path, monkeypatch):
     """In one process (in-process generate, a colocated deployment) the gguf draft would prefill a
     long prompt through the onnx target's own graph - what the target's prefill just did. It copies
@@ -770,20 +786,12 @@ def test_in_one_process_the_draft_adopts_the_targets_prompt_kv(tmp_path, monkeyp
 
     from helpers import byte_tokenizer
 
-    from mirror.decoding.ar import prefill
     from mirror.decoding.drafters.network import PREFILL_MIN
     from mirror.decoding.factory import build_drafter
-    from mirror.models.ort_target import OrtTarget
     from mirror.onnx.gguf_net import GgufDraftNet
 
-    _, target = _gguf_target(tmp_path, "Q4_1")
-    ort = OrtTarget(target)
-    spec = SpecConfig(method="sd", draft="model", draft_model="target", draft_quant="gguf", gamma=3)
-    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    prompt = torch.randint(1, 256, (PREFILL_MIN + 9,), generator=torch.Generator().manual_seed(4)).tolist()
+    target, ort, spec, params, prompt, cache = _prefilled_onnx_target(tmp_path, "model", PREFILL_MIN + 9, seed=4)
     n = len(prompt)
-    cache = ort.new_cache(1, 128)
-    prefill(ort, cache, prompt)
     d = build_drafter(ort, spec, params, 128)
     assert d.net.prefill_model is ort
     assert d.adopt_prompt(prompt, cache, ort) and d.kv == n
@@ -818,19 +826,11 @@ def test_behind_the_channel_the_draft_takes_sent_prompt_kv_only_where_it_would_p
     prompt_kv_min says which specs ask for them."""
     from dataclasses import replace
 
-    from mirror.decoding.ar import prefill
     from mirror.decoding.drafters.network import PREFILL_MIN
     from mirror.decoding.factory import build_drafter, prompt_kv_min
-    from mirror.models.ort_target import OrtTarget
 
-    _, target = _gguf_target(tmp_path, "Q4_1")
-    ort = OrtTarget(target)
-    spec = SpecConfig(method="sd", draft="ngram+model", draft_model="target", draft_quant="gguf", gamma=3)
-    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    prompt = torch.randint(1, 256, (PREFILL_MIN + 5,), generator=torch.Generator().manual_seed(5)).tolist()
+    target, _, spec, params, prompt, cache = _prefilled_onnx_target(tmp_path, "ngram+model", PREFILL_MIN + 5, seed=5)
     n = len(prompt)
-    cache = ort.new_cache(1, 128)
-    prefill(ort, cache, prompt)
     k, v = cache.k[:, 0, :, :n].clone(), cache.v[:, 0, :, :n].clone()
     own = build_drafter(target, spec, params, 128)  # another process's draft: its own fp32 graph
     sent = build_drafter(target, spec, params, 128)
