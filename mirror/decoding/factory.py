@@ -157,16 +157,22 @@ def draft_prefill(spec: SpecConfig, net) -> int | None:
     """The shortest prompt `net` prefills with its model's fp32 graph (SpecConfig.draft_prefill),
     or None: "fp32" every prompt, "auto" those of PREFILL_MIN tokens where it can (the built gguf
     graph, whose model's weights are fp32 on the CPU), "draft" none."""
-    from .drafters.network import PREFILL_MIN
-
-    if spec.draft_prefill == "draft":
+    least = _fp32_prefill_min(spec)
+    if least is None:
         return None
     ok = bool(getattr(net, "can_prefill", False))
     if spec.draft_prefill == "fp32" and not ok:
         raise ValueError("draft_prefill=fp32 needs a draft that holds its model's fp32 weights: the "
                          "draft_quant=gguf graph built for the CPU provider; this draft "
                          f"({type(net).__name__}) prefills with its own graph (draft_prefill=draft)")
-    return (1 if spec.draft_prefill == "fp32" else PREFILL_MIN) if ok else None
+    return least if ok else None
+
+
+def _fp32_prefill_min(spec: SpecConfig) -> int | None:
+    """SpecConfig.draft_prefill as a prompt length: "fp32" 1, "auto" PREFILL_MIN, "draft" None."""
+    from .drafters.network import PREFILL_MIN
+
+    return None if spec.draft_prefill == "draft" else 1 if spec.draft_prefill == "fp32" else PREFILL_MIN
 
 
 def prompt_kv_min(spec: SpecConfig) -> int | None:
@@ -176,13 +182,9 @@ def prompt_kv_min(spec: SpecConfig) -> int | None:
     blocks (draft_model=target, draft_quant=gguf), prefilling through the model's fp32 weights
     (`draft_prefill`: "fp32" every prompt, "auto" from PREFILL_MIN tokens). The draft checks
     again (Drafter.adopt_kv) and prefills itself when it cannot take them."""
-    from .drafters.network import PREFILL_MIN
-
-    kinds = spec.draft.split("+")
-    if "model" not in kinds or spec.draft_model != "target" or spec.draft_quant != "gguf" \
-            or spec.draft_prefill == "draft":
+    if "model" not in spec.draft.split("+") or spec.draft_model != "target" or spec.draft_quant != "gguf":
         return None
-    return 1 if spec.draft_prefill == "fp32" else PREFILL_MIN
+    return _fp32_prefill_min(spec)
 
 
 def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams, max_len: int,

@@ -387,8 +387,13 @@ class OrtTarget:
         self.build_s = time.perf_counter() - t0
         self.pool = f"shared, {_GLOBAL_POOL} threads" if _GLOBAL_POOL and not self._own else \
             f"per session, {self.threads} threads, no spinning"
-        if self.prefill_threads > self.threads:
+        if self.wide_prefill:
             self.pool += f"; prefill {self.prefill_threads} threads (cores {sorted(set(prefill_cores))})"
+
+    @property
+    def wide_prefill(self) -> bool:
+        """Whether prompt-sized calls run on more threads than decoding (prefill_cores)."""
+        return self.prefill_threads > self.threads
 
     def _session(self, graph: Graph, prefill: bool = False):
         if prefill:
@@ -403,10 +408,10 @@ class OrtTarget:
         segs, wide = {}, {}
         for a, b in zip(bounds, bounds[1:]):
             graph = None
-            if (a, b) not in self.segments or (self.prefill_threads > self.threads and (a, b) not in self.prefill_segments):
+            if (a, b) not in self.segments or (self.wide_prefill and (a, b) not in self.prefill_segments):
                 graph = segment_graph(self.model, a, b)
             segs[(a, b)] = self.segments.get((a, b)) or self._session(graph)
-            if self.prefill_threads > self.threads:
+            if self.wide_prefill:
                 wide[(a, b)] = self.prefill_segments.get((a, b)) or self._session(graph, prefill=True)
         self.bounds, self.segments, self.prefill_segments = bounds, segs, wide
 

@@ -174,6 +174,17 @@ def model_draft_factory(target_model) -> DraftFactory:
     return factory
 
 
+@dataclass(slots=True)
+class _PromptKV:
+    """The prompt's K/V received so far ([layers, kv_heads, n, head_dim] each, from the first
+    slice's shape), which positions of each layer arrived, and how many slices."""
+
+    k: np.ndarray | None = None
+    v: np.ndarray | None = None
+    covered: np.ndarray | None = None
+    count: int = 0
+
+
 class _Session:
     def __init__(self, req: SessionRequest, pipeline: DraftPipeline, ack_signals: bool,
                  push_branches: bool = False):
@@ -189,7 +200,7 @@ class _Session:
         self.preparing: futures.Future | None = None
         self.closed = False
         self.started = False  # window 0 sent
-        self.kv_slices: dict | None = None  # Open.prompt_kv: the prompt's K/V so far (put_kv)
+        self.kv_slices: _PromptKV | None = None  # Open.prompt_kv: the prompt's K/V so far (put_kv)
         # rollout_stop="predict": when the verdict is expected (signal arrival + an average of
         # earlier signal -> verdict times) and how long one rollout step takes
         self._signal_t: float | None = None
@@ -218,34 +229,34 @@ class _Session:
                 or 2 * kv.layers * kv.kv_heads * n * kv.head_dim * 4 > self.KV_BYTES_MAX:
             raise ValueError(f"malformed PromptKV (layer {kv.layer}, positions {kv.start}+{kv.length} of "
                              f"{kv.total}, prompt {n}, {len(kv.k)} bytes)")
-        slices = self.kv_slices
-        if slices["k"] is None:  # the first slice sets the shape (the layers and heads of the target's cache)
+        got = self.kv_slices
+        if got.k is None:  # the first slice sets the shape (the layers and heads of the target's cache)
             dims = (kv.layers, kv.kv_heads, n, kv.head_dim)
-            slices["k"], slices["v"] = np.empty(dims, np.float32), np.empty(dims, np.float32)
-            slices["covered"] = np.zeros((kv.layers, n), bool)
-        elif (kv.layers, kv.kv_heads, kv.head_dim) != tuple(slices["k"].shape[i] for i in (0, 1, 3)):
+            got.k, got.v = np.empty(dims, np.float32), np.empty(dims, np.float32)
+            got.covered = np.zeros((kv.layers, n), bool)
+        elif (kv.layers, kv.kv_heads, kv.head_dim) != tuple(got.k.shape[i] for i in (0, 1, 3)):
             raise ValueError("PromptKV slices of different shapes")
         shape = (kv.kv_heads, kv.length, kv.head_dim)
         at = slice(kv.start, kv.start + kv.length)
-        slices["k"][kv.layer, :, at] = np.frombuffer(kv.k, np.float32).reshape(shape)
-        slices["v"][kv.layer, :, at] = np.frombuffer(kv.v, np.float32).reshape(shape)
-        slices["covered"][kv.layer, at] = True
-        slices["count"] += 1
+        got.k[kv.layer, :, at] = np.frombuffer(kv.k, np.float32).reshape(shape)
+        got.v[kv.layer, :, at] = np.frombuffer(kv.v, np.float32).reshape(shape)
+        got.covered[kv.layer, at] = True
+        got.count += 1
 
     def take_kv(self) -> bool:
         """At First, after Open.prompt_kv: hand the prompt's K/V to the drafter, or (it cannot
         take them, or they do not cover the prompt) prefill the prompt now. Returns whether
         the drafter took them."""
-        slices, self.kv_slices = self.kv_slices, None
+        got, self.kv_slices = self.kv_slices, None
         n = len(self.req.prompt_ids)
-        whole = slices["k"] is not None and bool(slices["covered"].all())
+        whole = got.k is not None and bool(got.covered.all())
         adopt = getattr(self.pipeline.drafter, "adopt_kv", None)  # (a duck-typed drafter may have none)
-        with torch.inference_mode(), trace.span("draft.take_kv", "draft", tokens=n, slices=slices["count"]):
-            took = whole and adopt is not None and adopt(self.req.prompt_ids, torch.from_numpy(slices["k"]),
-                                                         torch.from_numpy(slices["v"]))
+        with torch.inference_mode(), trace.span("draft.take_kv", "draft", tokens=n, slices=got.count):
+            took = whole and adopt is not None and adopt(self.req.prompt_ids, torch.from_numpy(got.k),
+                                                         torch.from_numpy(got.v))
         if not took:
             log.warning("the draft could not take the prompt's K/V (%d slices); it prefills the prompt itself",
-                        slices["count"])
+                        got.count)
             self.warm()
         return took
 
@@ -406,7 +417,7 @@ class DraftChannelServicer(channel_pb2_grpc.DraftChannelServicer):
                             raise ValueError(f"session {req.session_id!r} already exists")
                         self.sessions[req.session_id] = session
                     if o.defer_first and o.prompt_kv:  # the prompt's K/V come from the target, then First
-                        session.kv_slices = {"k": None, "v": None, "covered": None, "count": 0}
+                        session.kv_slices = _PromptKV()
                     elif o.defer_first:  # the first token comes later (First): prefill meanwhile
                         session.warm()
                     elif o.prompt_kv:

@@ -417,9 +417,9 @@ class TargetWorker(DraftHost):
         must not prefill meanwhile) and the draft would compute the same K/V."""
         from ..decoding.factory import prompt_kv_min
 
-        wide = getattr(self.model, "prefill_threads", 1) > getattr(self.model, "threads", 1)
         least = prompt_kv_min(spec)
-        return wide and self.world == 1 and least is not None and len(prompt_ids) >= least
+        return getattr(self.model, "wide_prefill", False) and self.world == 1 and least is not None \
+            and len(prompt_ids) >= least
 
     def _connect(self, address: str | None):
         from .channel import DraftChannelClient
