@@ -49,6 +49,7 @@ def test_bad_configs_are_rejected(tmp_path):
         "prefill cores not a list": {"target": {"prefill_cores": 1}},
         "no prefill cores": {"target": {"prefill_cores": []}},
         "a negative prefill core": {"target": {"prefill_cores": [0, -1]}},
+        "unknown prefill attention": {"target": {"prefill_attention": "flash"}},
     }
     for name, d in bad.items():
         p = tmp_path / "bad.yaml"

@@ -3,6 +3,7 @@ over the model's own weights. Checked: logits agree with the eager model, a veri
 gives bit-identical logits to token-by-token decoding (what lossless speculation needs), greedy
 SD / Mirror-SD on it reproduce its own plain decoding on the bundled model, bad calls fail
 clearly."""
+import numpy as np
 import pytest
 import torch
 
@@ -265,11 +266,49 @@ def _fresh(code: str) -> str:
     return r.stdout
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2", "tiny-qwen3"])
+@torch.inference_mode()
+def test_the_fused_prefill_graph_matches_the_eager_model_chunk_by_chunk(preset):
+    """`segment_graph(..., attention="fused")` (the prefill sessions' graph: GroupQueryAttention
+    over the positions before the chunk) gives the eager model's hidden states and K/V for a
+    prompt in two chunks - the second attending over the first - with q/k norms (qwen3) and
+    biases (qwen2); a bad attention name is refused."""
+    from mirror.models.ort_target import _session, segment_graph
+
+    model = tiny_model(preset)
+    cfg = model.cfg
+    n = cfg.n_layers
+    sess = _session(segment_graph(model, 0, n, "fused"), 1)
+    toks = torch.randint(0, cfg.vocab_size, (1, 50), generator=torch.Generator().manual_seed(2))
+    ce = model.new_cache(1, 64)
+    k_past = torch.zeros(n, 1, cfg.n_kv_heads, 0, cfg.head_dim)
+    v_past = k_past.clone()
+    for s, e in ((0, 30), (30, 50)):
+        he = model.forward_layers(model.embed(toks[:, s:e]), torch.arange(s, e)[None], ce, kv_len=e)
+        feeds = {"h": model.embed(toks[:, s:e]).float().contiguous().numpy(),
+                 "position_ids": torch.arange(s, e)[None].numpy(),
+                 "seqlens_k": np.array([e - 1], np.int32), "total_len": np.array(e, np.int32)}
+        for i in range(n):
+            feeds[f"k_cache_{i}"] = np.ascontiguousarray(k_past[i].numpy())
+            feeds[f"v_cache_{i}"] = np.ascontiguousarray(v_past[i].numpy())
+        h, k_new, v_new = (torch.from_numpy(a) for a in sess.run(None, feeds))
+        torch.testing.assert_close(h, he, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(k_new, ce.k[:, 0, :, s:e], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(v_new, ce.v[:, 0, :, s:e], atol=1e-4, rtol=1e-4)
+        k_past, v_past = torch.cat([k_past, k_new[:, None]], 3), torch.cat([v_past, v_new[:, None]], 3)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        segment_graph(model, 0, n, "flash")
+    with pytest.raises(ValueError, match="prefill_attention must be one of"):
+        OrtTarget(model, prefill_attention="flash")
+
+
 @pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="needs two cores")
-def test_a_prefill_on_more_cores_is_bit_identical_and_only_for_prompts():
+def test_a_prefill_on_more_cores_takes_prompt_chunks_only():
     """target.prefill_cores: a worker decoding on one core prefills on two (a second session
-    set, one pool thread pinned to the other core). Prompt-sized calls take it and give the very
-    logits and K/V the one-thread sessions give; verify windows stay on the one-thread sessions."""
+    set, one pool thread pinned to the other core). Prompt chunks (spans of >= PREFILL_ROWS new
+    tokens) take it; verify windows and other calls stay on the one-thread sessions. With
+    prefill_attention "materialized" it gives the very logits and K/V the one-thread sessions
+    give; "fused" (the default) the same up to float rounding."""
     out = _fresh("""
         import os, torch
         from helpers import tiny_model
@@ -279,30 +318,56 @@ def test_a_prefill_on_more_cores_is_bit_identical_and_only_for_prompts():
         os.sched_setaffinity(0, {c0})
         torch.set_num_threads(1)
         model = tiny_model("tiny")
-        wide = OrtTarget(model, splits=[1], threads=1, prefill_cores=[c0, c1])
-        assert wide.prefill_threads == 2 and "prefill 2 threads" in wide.pool, wide.pool
-        assert set(wide.prefill_segments) == set(wide.segments) == {(0, 1), (1, model.cfg.n_layers)}
-        calls = {"wide": 0}
-        for key, sess in list(wide.prefill_segments.items()):
-            class Counted:
-                def __init__(self, s): self.s = s
-                def run(self, *a):
-                    calls["wide"] += 1
-                    return self.s.run(*a)
-            wide.prefill_segments[key] = Counted(sess)
+        wides = {a: OrtTarget(model, splits=[1], threads=1, prefill_cores=[c0, c1], prefill_attention=a)
+                 for a in ("materialized", "fused")}  # (first: before any shared pool)
         narrow = OrtTarget(model, splits=[1], threads=1)
         assert narrow.prefill_threads == 1 and not narrow.prefill_segments
-        ids = torch.randint(0, model.cfg.vocab_size, (100,), generator=torch.Generator().manual_seed(0)).tolist()
-        cw, cn = model.new_cache(1, 128), model.new_cache(1, 128)
-        lw, ln = prefill(wide, cw, ids[:90]), prefill(narrow, cn, ids[:90])
-        assert calls["wide"] == 2, calls  # one chunk, two segments
-        assert torch.equal(lw, ln) and torch.equal(cw.k, cn.k) and torch.equal(cw.v, cn.v)
+        ids = torch.randint(0, model.cfg.vocab_size, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+        cn = model.new_cache(1, 256)
+        ln = prefill(narrow, cn, ids[:90])
+        k90, v90 = cn.k.clone(), cn.v.clone()
         win = torch.tensor([ids[90:96]]); pos = torch.arange(90, 96)[None]
-        assert torch.equal(wide(win, pos, cw, kv_len=96), narrow(win, pos, cn, kv_len=96))
-        assert calls["wide"] == 2, calls  # a 6-token window: the one-thread sessions
-        print("ok")
+        lwn = narrow(win, pos, cn, kv_len=96)
+        chunk, cpos = torch.tensor([ids[96:170]]), torch.arange(96, 170)[None]
+        lcn = narrow(chunk, cpos, cn, kv_len=170)
+        for attention, wide in wides.items():
+            assert wide.prefill_threads == 2 and "prefill 2 threads" in wide.pool, wide.pool
+            assert set(wide.prefill_segments) == set(wide.segments) == {(0, 1), (1, model.cfg.n_layers)}
+            calls = {"wide": 0}
+            for key, sess in list(wide.prefill_segments.items()):
+                class Counted:
+                    def __init__(self, s): self.s = s
+                    def run(self, *a):
+                        calls["wide"] += 1
+                        return self.s.run(*a)
+                wide.prefill_segments[key] = Counted(sess)
+            cw = model.new_cache(1, 256)
+            lw = prefill(wide, cw, ids[:90])
+            assert calls["wide"] == 2, calls  # one chunk, two segments
+            if attention == "materialized":
+                assert torch.equal(lw, ln) and torch.equal(cw.k, k90) and torch.equal(cw.v, v90)
+            else:
+                assert not torch.equal(cw.k, k90)  # another kernel ...
+                torch.testing.assert_close(lw, ln, atol=2e-4, rtol=1e-4)  # ... the same values
+                torch.testing.assert_close(cw.k, k90, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(cw.v, v90, atol=1e-4, rtol=1e-4)
+                cw.k.copy_(k90); cw.v.copy_(v90)  # (from here on: the same cache, the same results)
+            assert torch.equal(wide(win, pos, cw, kv_len=96), lwn)
+            # a second prompt chunk after the cached prefix: the prefill sessions again
+            lc = wide(chunk, cpos, cw, kv_len=170)
+            assert calls["wide"] == 4, calls
+            if attention == "materialized":
+                assert torch.equal(lc, lcn)
+            else:
+                torch.testing.assert_close(lc, lcn, atol=2e-4, rtol=1e-4)
+            # not a prompt chunk: a 6-token window, 70 rows that leave the last position unseen
+            # (kv_len < their end), 70 rows at scattered positions - all on the one-thread sessions
+            wide(chunk[:, :70], torch.arange(170, 240)[None], cw, kv_len=239)
+            wide(chunk[:, :70], torch.arange(100, 240, 2)[None], cw)
+            assert calls["wide"] == 4, calls
+            print(attention, "ok")
     """)
-    assert "ok" in out
+    assert "materialized ok" in out and "fused ok" in out
 
 
 def test_prefill_cores_are_ignored_beside_a_shared_pool():

@@ -68,6 +68,7 @@ def test_workers_are_placed_and_pinned_on_separate_cores(engine):
     assert t["pid"] != d["pid"]
     assert t["placement"]["threads"] == 1 and d["placement"]["threads"] == 1
     assert t["prefill_threads"] == 2  # target.prefill_cores [0, 1]: prompts prefill on both cores
+    assert t["prefill_attention"] == "fused"  # through GroupQueryAttention
 
 
 @pytest.mark.parametrize("method", ["mirror", "sd"])

@@ -177,9 +177,10 @@ def _fp32_prefill_min(spec: SpecConfig) -> int | None:
 
 def prompt_kv_min(spec: SpecConfig) -> int | None:
     """Behind the channel: the shortest prompt whose K/V the target sends the draft instead of
-    the draft prefilling it (Open.prompt_kv), or None. Only where the draft would prefill
-    through the very fp32 graph the target runs - its network part is the target's own GGUF
-    blocks (draft_model=target, draft_quant=gguf), prefilling through the model's fp32 weights
+    the draft prefilling it (Open.prompt_kv), or None. Only where the draft would compute the
+    target's own prompt K/V (up to float rounding: the target's prefill sessions may attend
+    through a fused kernel) - its network part is the target's own GGUF blocks
+    (draft_model=target, draft_quant=gguf), prefilling through the model's fp32 weights
     (`draft_prefill`: "fp32" every prompt, "auto" from PREFILL_MIN tokens). The draft checks
     again (Drafter.adopt_kv) and prefills itself when it cannot take them."""
     if "model" not in spec.draft.split("+") or spec.draft_model != "target" or spec.draft_quant != "gguf":

@@ -286,7 +286,8 @@ class TargetWorker(DraftHost):
             spec = self.deploy.speculative
             splits = [spec.resolve_exit_layer(self.model.cfg.n_layers)] if spec.method == "mirror" else []
             try:
-                self.model = OrtTarget(self.model, splits=splits, threads=t.threads, prefill_cores=t.prefill_cores)
+                self.model = OrtTarget(self.model, splits=splits, threads=t.threads, prefill_cores=t.prefill_cores,
+                                        prefill_attention=t.prefill_attention)
                 torch.set_num_threads(1)  # host-side ops only: ONNX Runtime's pool has the cores (host_threads)
             except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own error types
                 if t.backend != "auto":
@@ -327,7 +328,9 @@ class TargetWorker(DraftHost):
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "rank": self.rank,
                 "placement": self.placement, "sessions": self._active, "backend": self.backend,
-                "prefill_threads": getattr(self.model, "prefill_threads", None)}
+                "prefill_threads": getattr(self.model, "prefill_threads", None),
+                "prefill_attention": getattr(self.model, "prefill_attention", None)
+                if getattr(self.model, "wide_prefill", False) else None}
 
     def start_trace(self, origin_ns: int) -> None:
         from .. import trace
