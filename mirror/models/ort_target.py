@@ -142,8 +142,8 @@ def segment_graph(model: Transformer, start: int, end: int, attention: str = "ma
       seqlens_k [1] int32 (= total_len - 1), total_len [] int32 (the span ends there),
       k_cache_i, v_cache_i [1, Hk, P, hd] (the P = total_len - T positions before the span),
       attended by com.microsoft GroupQueryAttention (causal; no mask or score tensor in the
-      graph: 10% less time for a 750-token prefill and 17% for a 1,500-token one on the bundled
-      model, 2 threads; the same up to float rounding, not bit for bit);
+      graph: 9-19% less time for 750- and 1,500-token prefills of the bundled model on 2
+      threads; the same up to float rounding, not bit for bit);
     outputs h_out [1, T, dim], k_new, v_new [end - start, Hk, T, hd].
 
     Fused ONNX Runtime kernels keep the node count (each node costs a few microseconds per
@@ -384,7 +384,7 @@ class OrtTarget:
         core of `prefill_cores` it is not on. Needs this process to have no shared ONNX Runtime
         pool (the target's sessions then own one-thread pools); otherwise ignored, with a warning.
         `prefill_attention`: those sessions' attention (`segment_graph`): "fused" (a fused kernel,
-        10-17% less prefill time; every request's prompt goes through it, so plain and
+        9-19% less prefill time; every request's prompt goes through it, so plain and
         speculative decoding still start from the same logits and K/V) or "materialized" (the
         decode sessions' graphs: bit for bit their results)."""
         if prefill_attention not in ATTENTION:

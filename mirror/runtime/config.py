@@ -49,7 +49,7 @@ class TargetConfig:
     # [0]: the draft worker's core too, idle then - the draft takes the prompt's K/V from the
     # target instead of prefilling it, where it would compute the same). None = cpu_affinity's
     prefill_cores: list[int] | None = None
-    # the attention of those prefill sessions: "fused" (com.microsoft GroupQueryAttention, 10-17%
+    # the attention of those prefill sessions: "fused" (com.microsoft GroupQueryAttention, 9-19%
     # less prefill time; not bit for bit the decode graphs') or "materialized" (the decode graphs)
     prefill_attention: str = "fused"
     tp_backend: str = "auto"  # gloo on CPU, nccl on CUDA
