@@ -450,12 +450,10 @@ class OrtTarget:
             if (a, b) not in self.segments:
                 graph = segment_graph(self.model, a, b)
             segs[(a, b)] = self.segments.get((a, b)) or self._session(graph)
-            if self.wide_prefill and (a, b) not in self.prefill_segments:
-                if self.prefill_attention != "materialized" or graph is None:
-                    graph = segment_graph(self.model, a, b, self.prefill_attention)
-                wide[(a, b)] = self._session(graph, prefill=True)
-            elif self.wide_prefill:
-                wide[(a, b)] = self.prefill_segments[(a, b)]
+            if self.wide_prefill:  # (a materialized prefill runs the decode sessions' graph)
+                same = graph is not None and self.prefill_attention == "materialized"
+                wide[(a, b)] = self.prefill_segments.get((a, b)) or self._session(
+                    graph if same else segment_graph(self.model, a, b, self.prefill_attention), prefill=True)
         self.bounds, self.segments, self.prefill_segments = bounds, segs, wide
 
     def split_at(self, layer: int) -> None:

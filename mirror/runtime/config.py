@@ -75,8 +75,11 @@ class TargetConfig:
                 not isinstance(self.prefill_cores, list) or not self.prefill_cores
                 or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.prefill_cores)):
             raise ValueError(f"target.prefill_cores must be a non-empty list of core ids >= 0, got {self.prefill_cores!r}")
-        if self.prefill_attention not in ("fused", "materialized"):
-            raise ValueError(f"target.prefill_attention must be fused or materialized, got {self.prefill_attention!r}")
+        from ..models.ort_target import ATTENTION
+
+        if self.prefill_attention not in ATTENTION:
+            raise ValueError(f"target.prefill_attention must be one of {', '.join(ATTENTION)}, "
+                             f"got {self.prefill_attention!r}")
 
 
     def resolve_backend(self, dtype: str = "fp32") -> str:
