@@ -388,3 +388,37 @@ def test_prefill_cores_are_ignored_beside_a_shared_pool():
         print("ok")
     """)
     assert "ok" in out
+
+
+@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_prefill_cost_benchmark(tmp_path):
+    """benchmarks/prefill_cost.py (in a fresh interpreter: it builds prefill sessions) times the
+    four prefill paths on a model file and checks their logits against each other: the
+    materialized prefill sessions and the one-core target give the same bits, the fused kernel and
+    the eager model the same values; bad lengths are refused with a message."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import write_gguf
+
+    path, out = str(tmp_path / "tiny.gguf"), tmp_path / "pc.json"
+    write_gguf(tiny_model("tiny"), path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "benchmarks.prefill_cost", "--model", path]
+    r = subprocess.run(cmd + ["--lengths", "70", "300", "--reps", "2", "--out", str(out)], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    got = {(x["path"], x["tokens"]): x for x in rows}
+    assert set(got) == {(p, n) for p in ("onnx fused", "onnx materialized", "onnx one core", "eager")
+                        for n in (70, 300)}
+    for (p, n), x in got.items():
+        assert len(x["times_s"]) == 2 and x["median_s"] > 0 and x["linear_gflops"] > 0, x
+        assert x["same_argmax"], x
+        assert x["max_abs_diff"] == 0.0 if p in ("onnx materialized", "onnx one core") else x["max_abs_diff"] < 1e-3, x
+    assert any(x["max_abs_diff"] > 0 for (p, _), x in got.items() if p == "onnx fused")  # another kernel
+    assert "| onnx fused | 300 |" in r.stdout
+    bad = subprocess.run(cmd + ["--lengths", "0"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "a prompt must have 1 to 512 tokens" in bad.stderr
