@@ -49,6 +49,8 @@ def main(argv=None) -> dict:
     from mirror.models.loader import load_model
     from mirror.models.ort_target import OrtTarget
 
+    from .exit_profile import _median_time
+
     model = load_model(args.model, tokenizer=False).model
     cfg = model.cfg
     bad = [n for n in args.lengths if not 1 <= n <= cfg.max_seq_len]
@@ -64,7 +66,7 @@ def main(argv=None) -> dict:
     for name in ("onnx fused", "onnx materialized"):
         if not targets[name].wide_prefill:
             raise SystemExit(f"{name}: the prefill sessions were not built ({targets[name].pool})")
-    linear = sum(p.numel() for n, p in model.layers.named_parameters() if p.dim() == 2)
+    linear = sum(p.numel() for p in model.layers.parameters() if p.dim() == 2)
 
     def run(path: str, ids: list[int]) -> tuple[float, torch.Tensor]:
         eager = path == "eager"
@@ -92,12 +94,7 @@ def main(argv=None) -> dict:
     rows = []
     for n in args.lengths:
         a, b = torch.randn(n, cfg.dim), torch.randn(cfg.dim, 2 * cfg.ffn_dim)
-        gemm = []
-        for _ in range(3 + 10):
-            t0 = time.perf_counter()
-            a @ b
-            gemm.append(time.perf_counter() - t0)
-        gemm_rate = 2 * n * cfg.dim * 2 * cfg.ffn_dim / statistics.median(gemm[3:]) / 1e9
+        gemm_rate = 2 * n * cfg.dim * 2 * cfg.ffn_dim / _median_time(lambda: a @ b, 10, warm=3) / 1e9
         ref = last[("onnx materialized", n)]
         for path in PATHS:
             s = statistics.median(times[(path, n)])
