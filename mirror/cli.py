@@ -39,7 +39,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
     """Speculative settings; each one given overrides the base config (see spec_from_args)."""
-    from .spec_config import DRAFT_BACKENDS, DRAFT_PREFILLS, DRAFTS, METHODS, ROLLOUT_STOPS, RULES
+    from .spec_config import CATCH_UPS, DRAFT_BACKENDS, DRAFT_PREFILLS, DRAFTS, METHODS, ROLLOUT_STOPS, RULES
 
     S = argparse.SUPPRESS
     g = p.add_argument_group("speculative decoding (defaults: the deployment config's)")
@@ -87,6 +87,10 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pre-budget", type=int, default=S,
                    help="Mirror-SD with a network draft: hypotheses expanded before the signal, ranked by "
                         "the draft's own distribution (0: signal only)")
+    g.add_argument("--catch-up", default=S, choices=CATCH_UPS,
+                   help="Mirror-SD, greedy, pre-signal rollouts of a combined draft: feed an n-gram window to "
+                        "the network whole (the default) or lazily, stopping where the network departs from it "
+                        "(measured, not adopted: README \"Mirror-SD's own next window\")")
     o = p.add_argument_group("draft backend: ONNX Runtime (see mirror export-draft)")
     o.add_argument("--draft-backend", default=S, choices=DRAFT_BACKENDS,
                    help="where the draft network runs: torch, or onnx (ONNX Runtime on an execution provider)")
@@ -105,7 +109,7 @@ _SPEC_FLAGS = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "bra
                "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers",
                "rule", "draft_backend", "onnx_dir", "onnx_providers", "onnx_strict", "onnx_threads", "onnx_max_len",
                "ngram_datastore", "exit_trim", "rollout_stop", "pre_budget", "window_stop", "draft_quant",
-               "int8_calib", "combine_min", "verify_cut", "draft_prefill")
+               "int8_calib", "combine_min", "verify_cut", "draft_prefill", "catch_up")
 
 
 # settings the embedded default chose for its own draft (the n-gram + gguf draft), dropped when

@@ -11,6 +11,7 @@ DRAFT_BACKENDS = ("torch", "onnx")
 DRAFT_QUANTS = ("none", "int8", "gguf")
 EXIT_QUANTS = ("none", "int8")
 DRAFT_PREFILLS = ("auto", "fp32", "draft")
+CATCH_UPS = ("whole", "lazy")
 
 
 @dataclass(slots=True)
@@ -86,6 +87,12 @@ class SpecConfig:
     # the draft works through the target's prefix too instead of waiting for the signal; the
     # signal's hypotheses follow, skipping those already done (0 = off: signal only).
     pre_budget: int = 0
+    # Mirror-SD with pre-signal rollouts (pre_budget) of a network draft, greedy: how the draft
+    # gives another drafter's window (a combined draft's n-gram window) its KV first - "whole":
+    # the window in one forward; "lazy": in short chunks, stopping where the draft's own top-1
+    # departs from the window (the likely rejection: its own next token there is the rollout's
+    # hypothesis); the rest is fed only if the signal's hypotheses need it.
+    catch_up: str = "whole"
     # Where the draft network runs: "torch" (eager, this process) or "onnx" (ONNX Runtime on an
     # execution provider, e.g. an NPU; see mirror/onnx). onnx_dir: a `mirror export-draft` folder
     # (None: export this spec's draft on first use into a cache folder, onnx_max_len positions).
@@ -138,6 +145,8 @@ class SpecConfig:
                              f"not to {self.draft!r}")
         if self.draft_prefill not in DRAFT_PREFILLS:
             raise ValueError(f"unknown draft_prefill {self.draft_prefill!r}; choose one of {', '.join(DRAFT_PREFILLS)}")
+        if self.catch_up not in CATCH_UPS:
+            raise ValueError(f"unknown catch_up {self.catch_up!r}; choose one of {', '.join(CATCH_UPS)}")
         if self.exit_quant not in EXIT_QUANTS:
             raise ValueError(f"unknown exit_quant {self.exit_quant!r}; choose one of {', '.join(EXIT_QUANTS)}")
         if self.exit_quant != "none" and not self.exit_trim:

@@ -708,6 +708,69 @@ def test_gguf_graph_attends_like_the_target_in_steps_chunks_and_branch_rows(tmp_
             net.forward_branch(torch.tensor([[3]]), torch.tensor([[14]]), cache, 0, torch.tensor([12]), buf, 12, row0=2)
 
 
+def test_lazy_catch_up_stops_where_the_draft_departs_from_the_window(tmp_path):
+    """catch_up="lazy": before its pre-signal rollout the draft feeds another drafter's window
+    in chunks and stops at the first position where its own top-1 is not the window's token;
+    that position's own token is the rollout's hypothesis. The signal's hypotheses later feed
+    the rest of the window - written past the committed prefix, never over the pre-signal row's
+    scratch entries (GgufBranchBuffer.floor) - and a hit on either proposes what a fresh serial
+    draft from that context does. A window the draft agrees with is fed whole."""
+    from mirror.decoding.drafters.network import NetworkDrafter
+    from mirror.decoding.messages import DraftWindow, EarlyExitSignal, Verdict
+    from mirror.onnx.gguf_net import GgufDraftNet
+
+    _, target = _gguf_target(tmp_path, "Q4_1")
+    net = GgufDraftNet(target, accuracy_level=0)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    G = 4
+
+    def drafter(catch_up="lazy"):
+        return NetworkDrafter(net, params, 256, 96, max_rows=4, gamma_max=G, own_k=4, catch_up=catch_up)
+
+    ctx = [10, 20, 30, 40, 50, 60, 7]
+    n = len(ctx)
+    with torch.inference_mode():
+        serial = drafter("whole")
+        serial.start(ctx)
+        own = serial.propose(G).ids  # the draft's own greedy continuation
+        x = next(t for t in range(100, 256) if t not in own)
+        window = DraftWindow(own[:2] + [x, 9], None, "ngram")  # departs at position 2 (own[2] != x)
+        for mode, fed in (("whole", n + G), ("lazy", n + 3)):
+            d = drafter(mode)
+            d.start(ctx)
+            d.observe(window)
+            assert d.prepare(G, 1) == 1
+            assert d.kv == fed  # lazy: root, d_1 (views 0, 1), then d_2, x (views 2, 3): stop
+            assert list(d._branches) == [(2, own[2])]  # its own token where it departs
+        # the signal: the whole window accepted, then 77 - it needs d_3, d_4's K/V first
+        r = next(t for t in range(1, 256) if t not in window.ids + [77])  # each position's runner-up
+        top = torch.tensor([[t, r] for t in window.ids] + [[77, r]])
+        sig = EarlyExitSignal(0, top, torch.log(torch.tensor([[0.99, 0.01]] * (G + 1))))
+        d.expand(sig, G, 1)
+        assert d.kv == n + G and set(d._branches) == {(2, own[2]), (G, 77)}
+        for j, v in ((2, own[2]), (G, 77)):
+            e = drafter()
+            e.start(ctx)
+            e.observe(window)
+            e.prepare(G, 1)
+            e.expand(sig, G, 1)
+            hit = e.take(Verdict(0, j, v))
+            fresh = drafter("whole")
+            fresh.start(ctx + window.ids[:j] + [v])
+            assert hit is not None and hit.ids == fresh.propose(G).ids
+            nxt = Verdict(1, 1, 5)  # and the installed K/V serves the next window as a prefill would
+            e.commit(nxt)
+            fresh.commit(nxt)
+            assert e.propose(G).ids == fresh.propose(G).ids
+        agreed = drafter()  # a window the draft agrees with everywhere: fed whole, the full accept first
+        agreed.start(ctx)
+        agreed.observe(DraftWindow(list(own), None, "ngram"))
+        agreed.prepare(G, 1)
+        assert agreed.kv == n + G and list(agreed._branches)[0][0] == G
+    with pytest.raises(ValueError, match="unknown catch_up"):
+        SpecConfig(catch_up="sometimes")
+
+
 def test_gguf_draft_prefills_long_prompts_with_the_exact_fp32_kv(tmp_path):
     """draft_prefill (default "auto"): a prompt of PREFILL_MIN tokens or more goes through the
     model's fp32 graph, so the draft's prompt K/V is the target's own (its 4-bit blocks are not);

@@ -32,10 +32,11 @@ def draft_dir(tmp_path_factory):
        gamma=st.integers(1, 6), kappa=st.integers(1, 8), exit_layer=st.integers(1, 3),
        budget=st.integers(1, 16), confidence=st.sampled_from([0.0, 0.05, 0.3]),
        k=st.integers(1, 3), streams=st.integers(1, 3), pre_budget=st.sampled_from([0, 0, 3, 8]),
-       combine_min=st.sampled_from([0.0, 0.0, 0.8, 1.5]), verify_cut=st.sampled_from([0, 0, 1, 2, 8]))
+       combine_min=st.sampled_from([0.0, 0.0, 0.8, 1.5]), verify_cut=st.sampled_from([0, 0, 1, 2, 8]),
+       catch_up=st.sampled_from(["whole", "lazy"]))
 def test_greedy_speculative_equals_plain_decoding(draft_dir, seed, prompt, method, draft, gamma, kappa,
                                                   exit_layer, budget, confidence, k, streams, pre_budget,
-                                                  combine_min, verify_cut):
+                                                  combine_min, verify_cut, catch_up):
     target = TARGETS[seed]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     ref = generate(target, TOK, prompt, params)
@@ -43,7 +44,7 @@ def test_greedy_speculative_equals_plain_decoding(draft_dir, seed, prompt, metho
                       budget=budget, confidence=confidence, draft_layers=k, streams=streams,
                       draft_model=draft_dir if "model" in draft else None, pre_budget=pre_budget,
                       combine_min=min(combine_min, gamma) if draft.startswith("ngram+") else 0.0,
-                      verify_cut=min(verify_cut, kappa))
+                      verify_cut=min(verify_cut, kappa), catch_up=catch_up)
     res = generate(target, TOK, prompt, params, spec)
     assert res.ids == ref.ids
     assert res.metrics.committed + 1 >= len(res.ids)  # prefill gives 1, every other token a verified step

@@ -219,11 +219,13 @@ def build_drafter(target: Transformer, spec: SpecConfig, params: SamplingParams,
 
             network = StreamingDrafter(net, params, target.cfg.vocab_size, max_len, spec.confidence,
                                        max_rows=spec.budget + spec.pre_budget, gamma_max=spec.gamma,
-                                       own_k=spec.kappa if spec.pre_budget else 0, prefill=prefill)
+                                       own_k=spec.kappa if spec.pre_budget else 0, prefill=prefill,
+                                       catch_up=spec.catch_up)
         else:
             network = NetworkDrafter(net, params, target.cfg.vocab_size, max_len, spec.confidence,
                                      max_rows=spec.budget + spec.pre_budget, gamma_max=spec.gamma,
-                                     own_k=spec.kappa if spec.pre_budget else 0, prefill=prefill)
+                                     own_k=spec.kappa if spec.pre_budget else 0, prefill=prefill,
+                                     catch_up=spec.catch_up)
             network.name = net_kind
     if ngram is not None and network is not None:
         return CombinedDrafter(params, ngram, network, min_expected=spec.combine_min)

@@ -121,6 +121,7 @@ class GgufBranchBuffer:
     def __init__(self, max_rows: int, max_slots: int):
         self.max_rows, self.max_slots = max_rows, max_slots
         self.base = 0  # first scratch position of the current expansion
+        self.floor = 0  # ... at least this (NetworkDrafter: past the window under verification)
         self.used = 0  # scratch positions taken so far
         self.pos: dict[int, list[int]] = {}  # row -> cache position of each slot
 
@@ -287,7 +288,7 @@ class GgufDraftNet:
         if min(slots) < 0 or max(slots) >= buf.max_slots or row0 + n > buf.max_rows:
             raise ValueError(f"branch row/slot outside {buf.max_rows} rows x {buf.max_slots} slots")
         if row0 == 0 and max(slots) == 0:  # a new expansion: scratch starts past the prefix
-            buf.base = max(cache.lengths[0], int(prefix.max()))
+            buf.base = max(cache.lengths[0], int(prefix.max()), buf.floor)
             buf.used, buf.pos = 0, {}
         start = buf.base + buf.used
         total = start + n

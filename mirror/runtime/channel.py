@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 _OPTIONAL_PATHS = ("draft_model", "adapter", "exit_head", "vocab_trim", "ngram_datastore", "window_stop",
                    "int8_calib")  # None <-> ""
-_DEFAULTED = ("rollout_stop", "draft_quant", "draft_prefill")  # "" -> SpecConfig's default
+_DEFAULTED = ("rollout_stop", "draft_quant", "draft_prefill", "catch_up")  # "" -> SpecConfig's default
 _MESSAGE_MB = 64  # stochastic windows carry [G, vocab] floats (~1 MB at G=5, V=49152)
 _GRPC_OPTIONS = [("grpc.max_send_message_length", _MESSAGE_MB << 20),
                  ("grpc.max_receive_message_length", _MESSAGE_MB << 20)]

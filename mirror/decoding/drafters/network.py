@@ -147,8 +147,12 @@ class NetworkDrafter(Drafter):
 
     def __init__(self, net: DraftNet, params: SamplingParams, vocab: int, max_len: int,
                  confidence: float = 0.0, max_rows: int = 16, gamma_max: int = 16, own_k: int = 8,
-                 prefill: int | None = None):
+                 prefill: int | None = None, catch_up: str = "whole"):
         super().__init__(params)
+        # SpecConfig.catch_up: how `prepare` gives another drafter's window (an n-gram's) its KV
+        # before the pre-signal rollouts - "whole": in one call; "lazy": in short chunks that stop
+        # at the first position where this draft's own top-1 is not the window's token
+        self.catch_up = catch_up
         self.net, self.vocab = net, vocab
         # prompts of at least this many tokens prefill through `net.prefill` (None: none;
         # SpecConfig.draft_prefill, factory.draft_prefill)
@@ -308,10 +312,14 @@ class NetworkDrafter(Drafter):
         `budget` (SpecConfig.pre_budget), then expand that many hypotheses ranked by the draft's
         own distribution (`pre_expand`); returns how many."""
         n, G = len(self.ctx), len(self.window.ids)
+        if hasattr(self.buf, "floor"):  # branch rows' scratch KV: past the whole window, which a
+            self.buf.floor = n + G      # lazy catch-up may go on feeding after a pre-signal rollout
         if self.kv < n + G:
             todo = (self.ctx + self.window.ids)[self.kv:]
             own = budget > 0 and any(j not in self._own for j in range(G + 1))
-            if own and self.kv <= n + G - 1 and 1 < len(todo) <= 64:
+            if own and self.catch_up == "lazy" and self.params.greedy and len(todo) <= 64:
+                self._catch_up_lazy(should_stop)
+            elif own and self.kv <= n + G - 1 and 1 < len(todo) <= 64:
                 # logits at every fed window position: the draft's own view of the window
                 start = self.kv
                 logits = self.net(torch.tensor([todo]), self.positions[:, start:n + G], self.cache,
@@ -326,6 +334,44 @@ class NetworkDrafter(Drafter):
                 last = self._feed(todo, self.kv)
                 self._record(G, last)
         return self.pre_expand(gamma, budget, should_stop, batch, skip) if budget > 0 else 0
+
+    # catch_up="lazy": window tokens fed by the first call (with the committed tokens not fed
+    # yet) and by each later one
+    CATCH_UP_FIRST, CATCH_UP_NEXT = 1, 2
+
+    def _disagreement(self) -> int | None:
+        """The first window position j whose own top-1 is known and is not d_{j+1}, where the
+        positions before it are known and agree; None when there is none so far."""
+        for j, tok in enumerate(self.window.ids):
+            own = self._own.get(j)
+            if own is None:
+                return None
+            if own[0][0] != tok:
+                return j
+        return None
+
+    def _catch_up_lazy(self, should_stop=None) -> None:
+        """Feed the window in chunks, recording the own view at each fed position, until this
+        draft's top-1 departs from the window (the target will most likely reject there too:
+        the tokens after it are not worth a draft forward before the signal), the window is
+        fed, or the verdict is here (`should_stop`)."""
+        n, G = len(self.ctx), len(self.window.ids)
+        seq = self.ctx + self.window.ids
+        first = True
+        while self.kv < n + G and self._disagreement() is None:
+            if not first and should_stop is not None and should_stop():
+                break
+            start = self.kv
+            end = min(n + G, max(start, n) + (self.CATCH_UP_FIRST if first else self.CATCH_UP_NEXT))
+            first = False
+            logits = self.net(torch.tensor([seq[start:end]]), self.positions[:, start:end], self.cache,
+                              kv_len=end)[0]
+            self.kv = end
+            self.cache.set_length(0, end)
+            for t in range(end - start):
+                j = start + t - (n - 1)  # the token at position p ends window position p - (n-1)
+                if 0 <= j <= G:
+                    self._record(j, logits[t])
 
     def _observe(self, verdict: Verdict) -> None:
         """Greedy: count, at the window positions whose own top-k is known, whether the target's
@@ -350,15 +396,20 @@ class NetworkDrafter(Drafter):
         request and the runners-up share the rest in proportion; without that, a runner-up at
         position 0 (p ~0.3) outranks the full window's acceptance (p ~0.8 per token, five times)."""
         G = len(self.window.ids)
-        if any(j not in self._own for j in range(G + 1)):
-            return None
-        ids = torch.tensor([self._own[j][0] for j in range(G + 1)], dtype=torch.long)
-        p = torch.tensor([self._own[j][1] for j in range(G + 1)])
+        known = next((j for j in range(G + 1) if j not in self._own), G + 1)  # positions 0..known-1
+        rows = 0
+        if known <= G:  # a lazy catch-up stopped early: the positions up to the first departure
+            stop = self._disagreement()
+            if stop is None or not self.params.greedy:
+                return None
+            known, rows = stop + 1, stop + 1  # (rank_hypotheses: j < rows; pre_expand drops v = d_rows)
+        ids = torch.tensor([self._own[j][0] for j in range(known)], dtype=torch.long)
+        p = torch.tensor([self._own[j][1] for j in range(known)])
         if self.params.greedy:
             a = self.agree[0] / self.agree[1]
             rest = p[:, 1:] / (1.0 - p[:, :1]).clamp_min(1e-6)
             p = torch.cat([torch.full_like(p[:, :1], a), (1.0 - a) * rest], 1)
-        return EarlyExitSignal(-1, ids, p.clamp_min(1e-30).log())
+        return EarlyExitSignal(-1, ids, p.clamp_min(1e-30).log(), rows=rows)
 
     @torch.inference_mode()
     def pre_expand(self, gamma: int, budget: int, should_stop=None, batch: int = 8, skip=None) -> int:
@@ -371,6 +422,8 @@ class NetworkDrafter(Drafter):
         if sig is None or gamma < 1:
             return 0
         hyps = rank_hypotheses(sig, self.window, self.max_rows)
+        if sig.rows:  # a partial view: at its last position the window's own token is no correction
+            hyps = [h for h in hyps if h.j >= len(self.window.ids) or h.token != self.window.ids[h.j]]
         if skip is not None:
             hyps = [h for h in hyps if not skip(h)]
         done = self._expand_batches(hyps[:min(budget, self.max_rows)], gamma, 0, batch, should_stop,
@@ -387,10 +440,19 @@ class NetworkDrafter(Drafter):
         that share the committed prefix's KV. Anytime: between batches it stops once
         `should_stop()` is true (the target's verdict arrived), so the draft never delays the
         target."""
-        self.prepare()  # usually done already, under the target's prefix
+        lazy = self.catch_up == "lazy" and self.params.greedy
+        if not lazy:
+            self.prepare()  # usually done already, under the target's prefix
         pre = self._pre_rows  # rows 0..pre-1: hypotheses expanded before the signal (pre_expand)
         skip = set(skip) | set(self._branches)
         hyps = rank_hypotheses(signal, self.window, max(0, min(budget, self.max_rows - pre)), skip=skip)
+        if lazy:  # the KV these hypotheses branch from: through d_j (positions < n + j)
+            n, G = len(self.ctx), len(self.window.ids)
+            if hasattr(self.buf, "floor"):
+                self.buf.floor = n + G
+            need = n + max((h.j for h in hyps), default=-1)
+            if self.kv < need:
+                self._feed((self.ctx + self.window.ids)[self.kv:need], self.kv)
         done = self._expand_batches(hyps, gamma, pre, batch, should_stop, first_always=not pre)
         self.stats.branches += done
         return done
