@@ -87,6 +87,9 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pre-budget", type=int, default=S,
                    help="Mirror-SD with a network draft: hypotheses expanded before the signal, ranked by "
                         "the draft's own distribution (0: signal only)")
+    g.add_argument("--fill-window", type=int, default=S,
+                   help="distributed Mirror-SD: a hit's rollout still running at the verdict goes on until its "
+                        "window holds this many tokens (at most gamma) before it is sent (0: off)")
     g.add_argument("--catch-up", default=S, choices=CATCH_UPS,
                    help="Mirror-SD, greedy, pre-signal rollouts of a combined draft: feed an n-gram window to "
                         "the network whole (the default) or lazily, stopping where the network departs from it "
@@ -109,7 +112,7 @@ _SPEC_FLAGS = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "bra
                "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers",
                "rule", "draft_backend", "onnx_dir", "onnx_providers", "onnx_strict", "onnx_threads", "onnx_max_len",
                "ngram_datastore", "exit_trim", "rollout_stop", "pre_budget", "window_stop", "draft_quant",
-               "int8_calib", "combine_min", "verify_cut", "draft_prefill", "catch_up")
+               "int8_calib", "combine_min", "verify_cut", "draft_prefill", "catch_up", "fill_window")
 
 
 # settings the embedded default chose for its own draft (the n-gram + gguf draft), dropped when

@@ -93,6 +93,11 @@ class SpecConfig:
     # departs from the window (the likely rejection: its own next token there is the rollout's
     # hypothesis); the rest is fed only if the signal's hypotheses need it.
     catch_up: str = "whole"
+    # Mirror-SD with the draft behind the channel: at a verdict whose hypothesis is being rolled
+    # out, that rollout goes on until the window holds this many tokens (at most gamma) before
+    # it is sent - the target waits a draft step or two rather than verify a short window; other
+    # rollouts stop as rollout_stop says. 0 = off.
+    fill_window: int = 0
     # Where the draft network runs: "torch" (eager, this process) or "onnx" (ONNX Runtime on an
     # execution provider, e.g. an NPU; see mirror/onnx). onnx_dir: a `mirror export-draft` folder
     # (None: export this spec's draft on first use into a cache folder, onnx_max_len positions).
@@ -145,6 +150,9 @@ class SpecConfig:
                              f"not to {self.draft!r}")
         if self.draft_prefill not in DRAFT_PREFILLS:
             raise ValueError(f"unknown draft_prefill {self.draft_prefill!r}; choose one of {', '.join(DRAFT_PREFILLS)}")
+        if isinstance(self.fill_window, bool) or not isinstance(self.fill_window, int) \
+                or not 0 <= self.fill_window <= self.gamma:
+            raise ValueError(f"fill_window must be an integer in [0, gamma={self.gamma}], got {self.fill_window!r}")
         if self.catch_up not in CATCH_UPS:
             raise ValueError(f"unknown catch_up {self.catch_up!r}; choose one of {', '.join(CATCH_UPS)}")
         if self.exit_quant not in EXIT_QUANTS:

@@ -500,6 +500,51 @@ def test_a_predicted_verdict_ends_rollouts_before_it_arrives(scripted, policy):
     assert p.events.count("expand stopped") == 2
 
 
+class FillingPipeline(ScriptedPipeline):
+    """Each signal's rollout: hypothesis (1, 9), one 80 ms draft step after another (at most 5),
+    its window length readable while it runs (`_live`, as NetworkDrafter keeps it)."""
+
+    def __init__(self, req):
+        super().__init__(req)
+        self.drafter._live, self.stopped_at = None, []
+
+    def on_signal(self, signal, should_stop=None):
+        lengths = torch.zeros(1, dtype=torch.long)
+        self.drafter._live = ([(1, 9)], [], lengths)
+        while True:
+            time.sleep(0.08)
+            lengths += 1
+            if int(lengths[0]) >= 5 or should_stop():
+                break
+        self.stopped_at.append(int(lengths[0]))
+        self.drafter._live = None
+        return 1
+
+
+@pytest.mark.parametrize("fill", [0, 3])
+def test_a_filling_verdict_lets_its_own_rollout_reach_the_window_length(fill):
+    """fill_window: a verdict whose hypothesis is being rolled out lets that rollout go on until
+    its window holds fill_window tokens before the window is sent; a verdict for another
+    hypothesis stops the rollout after the step under way, as without it."""
+    from dataclasses import replace
+
+    with DraftServer(lambda req: FillingPipeline(req)) as srv:
+        with DraftChannelClient(srv.address, session_timeout=60) as client:
+            client.open([5], 6, 3, replace(SPEC, rollout_stop="verdict", fill_window=fill), PARAMS)
+            (p,) = [s.pipeline for s in srv.servicer.sessions.values()]
+            client.send_signal(_signal(0))
+            wait_until(lambda: p.drafter._live is not None and int(p.drafter._live[2][0]) >= 1)
+            client.send_verdict(Verdict(0, 1, 9), gamma=3)  # the rollout's own hypothesis
+            client.send_signal(_signal(1))
+            wait_until(lambda: p.drafter._live is not None and int(p.drafter._live[2][0]) >= 1)
+            client.send_verdict(Verdict(1, 0, 4), gamma=3)  # another one
+            client.close()
+    assert p.stopped_at[0] == 3 if fill else p.stopped_at[0] < 3
+    assert p.stopped_at[1] < 3
+    with pytest.raises(ValueError, match="fill_window"):
+        replace(SPEC, fill_window=SPEC.gamma + 1)
+
+
 def test_cancel_during_expansion_frees_the_session(scripted):
     srv, pipelines = scripted
     client = DraftChannelClient(srv.address, session_timeout=60)

@@ -208,6 +208,9 @@ class _Session:
         self._deadline: float | None = None
         self._step_s: float | None = None
         self._last_check = 0.0
+        # SpecConfig.fill_window: (the verdict's hypothesis, window length) its running rollout
+        # goes on to after the verdict, while the others stop
+        self._fill: tuple | None = None
 
     def warm(self) -> None:
         """A deferred open: prefill the prompt while the target prefills it too."""
@@ -314,13 +317,25 @@ class _Session:
         """Asked by the drafter between rollout steps: stop once the verdict is here, or (predict)
         rather than start a step that would end after the verdict's expected arrival."""
         if self.stop.is_set():
-            return True
+            return not self._filling()
         if self._deadline is None:
             return False
         now = time.perf_counter()
         step, self._last_check = now - self._last_check, now
         self._step_s = step if self._step_s is None else 0.5 * (self._step_s + step)
         return now + self._step_s > self._deadline
+
+    def _filling(self) -> bool:
+        """Whether the verdict's hypothesis is being rolled out and its window is still shorter
+        than fill_window (then the rollout goes on)."""
+        fill = self._fill
+        if fill is None:
+            return False
+        drafter = self.pipeline.drafter
+        live = getattr(getattr(drafter, "net", drafter), "_live", None)  # (a duck-typed drafter may have none)
+        if live is None or fill[0] not in live[0]:
+            return False
+        return int(live[2][live[0].index(fill[0])]) < fill[1]
 
     def _finish_expansion(self) -> None:
         t = time.perf_counter()
@@ -349,7 +364,13 @@ class _Session:
         if self._signal_t is not None:  # how long after its signal a verdict arrives
             seen, self._signal_t = time.perf_counter() - self._signal_t, None
             self._suffix_s = seen if self._suffix_s is None else 0.8 * self._suffix_s + 0.2 * seen
-        self._finish_expansion()
+        spec = self.req.spec
+        if spec.fill_window and spec.method == "mirror" and sent is None and not taken:
+            self._fill = ((verdict.accepted, verdict.token), min(spec.fill_window, spec.gamma))
+        try:
+            self._finish_expansion()
+        finally:
+            self._fill = None
         pushed, self._pushed = self._pushed, None
         key = (verdict.accepted, verdict.token)
         if taken and (pushed is None or pushed[0] != verdict.step or key not in pushed[1]):

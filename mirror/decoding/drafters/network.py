@@ -514,6 +514,7 @@ class NetworkDrafter(Drafter):
             w = DraftWindow(ids[r][:m], P[r, :m] if P is not None else None, self.name)
             own = {i: (top_ids[r][i], top_p[r][i]) for i in range(min(m + 1, len(tops)))}
             self._branches[(h.j, h.token)] = (int(prefix[r]), w, row0 + r, fed, own)
+        self._live = None  # (the rollouts are in _branches now: peek and a filling verdict look there)
 
     def ready(self) -> dict[tuple[int, int], DraftWindow]:
         return {k: b[1] for k, b in self._branches.items()}

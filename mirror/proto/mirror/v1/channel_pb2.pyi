@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SpecConfig(_message.Message):
-    __slots__ = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "branch_batch", "confidence", "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers", "ngram_min", "ngram_max", "rule", "ngram_datastore", "rollout_stop", "pre_budget", "window_stop", "draft_quant", "int8_calib", "combine_min", "draft_prefill", "catch_up")
+    __slots__ = ("method", "draft", "gamma", "kappa", "exit_layer", "budget", "branch_batch", "confidence", "draft_layers", "draft_model", "adapter", "exit_head", "vocab_trim", "streams", "stream_layers", "ngram_min", "ngram_max", "rule", "ngram_datastore", "rollout_stop", "pre_budget", "window_stop", "draft_quant", "int8_calib", "combine_min", "draft_prefill", "catch_up", "fill_window")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class SpecConfig(_message.Message):
     COMBINE_MIN_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PREFILL_FIELD_NUMBER: _ClassVar[int]
     CATCH_UP_FIELD_NUMBER: _ClassVar[int]
+    FILL_WINDOW_FIELD_NUMBER: _ClassVar[int]
     method: str
     draft: str
     gamma: int
@@ -62,7 +63,8 @@ class SpecConfig(_message.Message):
     combine_min: float
     draft_prefill: str
     catch_up: str
-    def __init__(self, method: _Optional[str] = ..., draft: _Optional[str] = ..., gamma: _Optional[int] = ..., kappa: _Optional[int] = ..., exit_layer: _Optional[int] = ..., budget: _Optional[int] = ..., branch_batch: _Optional[int] = ..., confidence: _Optional[float] = ..., draft_layers: _Optional[int] = ..., draft_model: _Optional[str] = ..., adapter: _Optional[str] = ..., exit_head: _Optional[str] = ..., vocab_trim: _Optional[str] = ..., streams: _Optional[int] = ..., stream_layers: _Optional[int] = ..., ngram_min: _Optional[int] = ..., ngram_max: _Optional[int] = ..., rule: _Optional[str] = ..., ngram_datastore: _Optional[str] = ..., rollout_stop: _Optional[str] = ..., pre_budget: _Optional[int] = ..., window_stop: _Optional[str] = ..., draft_quant: _Optional[str] = ..., int8_calib: _Optional[str] = ..., combine_min: _Optional[float] = ..., draft_prefill: _Optional[str] = ..., catch_up: _Optional[str] = ...) -> None: ...
+    fill_window: int
+    def __init__(self, method: _Optional[str] = ..., draft: _Optional[str] = ..., gamma: _Optional[int] = ..., kappa: _Optional[int] = ..., exit_layer: _Optional[int] = ..., budget: _Optional[int] = ..., branch_batch: _Optional[int] = ..., confidence: _Optional[float] = ..., draft_layers: _Optional[int] = ..., draft_model: _Optional[str] = ..., adapter: _Optional[str] = ..., exit_head: _Optional[str] = ..., vocab_trim: _Optional[str] = ..., streams: _Optional[int] = ..., stream_layers: _Optional[int] = ..., ngram_min: _Optional[int] = ..., ngram_max: _Optional[int] = ..., rule: _Optional[str] = ..., ngram_datastore: _Optional[str] = ..., rollout_stop: _Optional[str] = ..., pre_budget: _Optional[int] = ..., window_stop: _Optional[str] = ..., draft_quant: _Optional[str] = ..., int8_calib: _Optional[str] = ..., combine_min: _Optional[float] = ..., draft_prefill: _Optional[str] = ..., catch_up: _Optional[str] = ..., fill_window: _Optional[int] = ...) -> None: ...
 
 class DraftSampling(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed", "max_new_tokens")
