@@ -977,3 +977,36 @@ def test_a_request_longer_than_the_export_says_which_setting_to_raise(ort_net):
     with pytest.raises(ValueError, match=f"needs {MAX_LEN + 1} cache positions.*draft.onnx_max_len"):
         ort_net.new_cache(1, MAX_LEN + 1)
     assert ort_net.new_cache(1, MAX_LEN).max_len == MAX_LEN
+
+
+def test_draft_profile_benchmark(tmp_path):
+    """benchmarks/draft_profile.py times the gguf draft's built graph per (cached positions,
+    tokens per call) and splits a profiled run's kernel time by op type, the LM head apart;
+    bad arguments and a file without 4-bit blocks get a CLI error."""
+    import json
+    import subprocess
+    import sys
+
+    path, _ = _gguf_target(tmp_path, "Q4_1")
+    out = tmp_path / "dp.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "benchmarks.draft_profile", "--model", path]
+    r = subprocess.run(cmd + ["--contexts", "0", "20", "--tokens", "1", "3", "--reps", "3", "--out", str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["context"], x["tokens"]) for x in rows] == [(0, 1), (0, 3), (20, 1), (20, 3)]
+    for x in rows:
+        assert len(x["times_ms"]) == 3 and x["median_ms"] > 0
+        ops = x["ops_ms"]
+        assert ops["MatMulNBits"] > 0 and ops["head"] > 0 and ops["GroupQueryAttention"] > 0, ops
+    assert "| 20 | 3 |" in r.stdout
+    bad = subprocess.run(cmd + ["--reps", "0"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--reps and --tokens must be >= 1" in bad.stderr
+    from helpers import tiny_model, write_gguf
+
+    f32 = str(tmp_path / "f32.gguf")
+    write_gguf(tiny_model("tiny", seed=5), f32)
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.draft_profile", "--model", f32, "--contexts", "20"], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "holds none of this model's linear layers" in bad.stderr
