@@ -8,9 +8,10 @@ draft step or a branch rollout step, several are a window fed to the draft at on
 drafter's window before Mirror-SD's pre-signal rollouts) - this times `--reps` calls on one thread,
 twice: without profiling (the median is the figure to quote), then with ONNX Runtime's profiler on,
 which attributes kernel time to op types (per call, means over the profiled calls; the profiler
-adds its own overhead, so these sum to more than the median). The 8-bit embedding/head is reported
-on its own (`head` row: the MatMulNBits whose N is the vocabulary). Random token ids, seed 0;
-run it on an idle core (`taskset -c 1 python -m benchmarks.draft_profile`).
+adds its own per-node overhead, and time outside the kernels is not in them). The LM head (the
+file's 8-bit embedding: the last MatMulNBits blocks.convert_graph makes) is reported on its own,
+apart from the layers'. Random token ids, seed 0; run it on an idle core
+(`taskset -c 1 python -m benchmarks.draft_profile`).
 """
 from __future__ import annotations
 
