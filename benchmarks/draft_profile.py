@@ -5,7 +5,8 @@
 The default draft network (`draft_quant=gguf` on the CPU provider: `mirror/onnx/gguf_net.py`)
 is one graph of ~900 nodes. For each (cached positions, tokens per call) - 1 token is a serial
 draft step or a branch rollout step, several are a window fed to the draft at once (another
-drafter's window before Mirror-SD's pre-signal rollouts) - this times `--reps` calls on one thread,
+drafter's window before Mirror-SD's pre-signal rollouts) - this times `--reps` calls on one thread
+(`benchmarks.int8_draft.forward_times`),
 twice: without profiling (the median is the figure to quote), then with ONNX Runtime's profiler on,
 which attributes kernel time to op types (per call, means over the profiled calls; the profiler
 adds its own per-node overhead, and time outside the kernels is not in them). The LM head (the
@@ -22,29 +23,9 @@ import json
 import os
 import statistics
 import tempfile
-import time
 
 import torch
 from tqdm import tqdm
-
-
-def _calls(net, context: int, tokens: int, reps: int) -> list[float]:
-    """Seconds of `reps` calls feeding `tokens` tokens after `context` cached ones."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, net.vocab, (1, context + tokens), generator=g)
-    cache = net.new_cache(1, context + tokens + 1)
-    with torch.inference_mode():
-        if context:
-            net(ids[:, :context], torch.arange(context)[None], cache)
-        x, pos = ids[:, context:], torch.arange(context, context + tokens)[None]
-        for _ in range(3):
-            net(x, pos, cache, kv_len=context + tokens)
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            net(x, pos, cache, kv_len=context + tokens)
-            times.append(time.perf_counter() - t)
-    return times
 
 
 def profile_ops(events: list, runs: list, head: str) -> dict:
@@ -77,6 +58,8 @@ def main(argv=None) -> dict:
     from mirror.onnx import providers
     from mirror.onnx.gguf_net import GgufDraftNet
 
+    from .int8_draft import forward_times
+
     torch.set_num_threads(1)
     model = load_model(args.model, tokenizer=False).model
     if max(args.contexts) + max(args.tokens) + 1 > model.cfg.max_seq_len:
@@ -85,12 +68,12 @@ def main(argv=None) -> dict:
         plain = GgufDraftNet(model)
     except ValueError as e:
         ap.error(str(e))
-    tmp = tempfile.mkdtemp(prefix="draft_profile_")
+    tmp = tempfile.TemporaryDirectory(prefix="draft_profile_")
     make = providers.session_options
 
     def profiled(*a, **k):  # the same session, with ONNX Runtime's profiler on
         so = make(*a, **k)
-        so.enable_profiling, so.profile_file_prefix = True, os.path.join(tmp, "prof")
+        so.enable_profiling, so.profile_file_prefix = True, os.path.join(tmp.name, "prof")
         return so
 
     providers.session_options = profiled
@@ -99,17 +82,19 @@ def main(argv=None) -> dict:
     finally:
         providers.session_options = make
     cases = [(c, t) for c in args.contexts for t in args.tokens]
+    high = min(20000, model.cfg.vocab_size)
     rows = []
     for c, t in tqdm(cases, desc="timed"):
-        ms = [s * 1e3 for s in _calls(plain, c, t, args.reps)]
+        ms = [s * 1e3 for s in forward_times(plain, c, t, args.reps, high)]
         rows.append({"context": c, "tokens": t, "median_ms": statistics.median(ms), "times_ms": ms})
     for c, t in tqdm(cases, desc="profiled"):
-        _calls(prof, c, t, args.reps)
-    events = json.load(open(prof.sess.end_profiling()))
+        forward_times(prof, c, t, args.reps, high)
+    with tmp, open(prof.sess.end_profiling()) as f:
+        events = json.load(f)
     runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                   key=lambda e: e["ts"])
     at = 0
-    for row in rows:  # each case's calls: the context's prefill (if any), 3 warm-up calls, the reps
+    for row in rows:  # each case's calls (forward_times): the context's prefill (if any), 3 warm-ups, the reps
         at += (row["context"] > 0) + 3
         # (blocks.convert_graph names each MatMulNBits by its order; the head is converted last)
         row["ops_ms"] = profile_ops(events, runs[at:at + args.reps], f"MatMul_gguf{prof.counts['converted']}")

@@ -40,21 +40,31 @@ def predictions(net, data: list[dict]) -> tuple[list[list[int]], float]:
     return preds, hit / max(total, 1)
 
 
-def forward_ms(net, context: int, tokens: int, reps: int) -> float:
-    """Mean time of one forward of `tokens` new tokens after `context` cached ones
-    (a Transformer or a DraftNet: both take tokens, positions, cache, kv_len)."""
+def forward_times(net, context: int, tokens: int, reps: int, high: int = 20000) -> list[float]:
+    """Seconds of each of `reps` forwards of `tokens` new tokens after `context` cached ones
+    (a Transformer or a DraftNet: both take tokens, positions, cache, kv_len), after the
+    context's prefill (one call, when context > 0) and 3 warm-up forwards. Random ids in
+    [100, high), seed 0."""
     g = torch.Generator().manual_seed(0)
-    ctx = torch.randint(100, 20000, (1, context), generator=g)
+    ctx = torch.randint(100, high, (1, max(context, tokens)), generator=g)
+    times = []
     with torch.inference_mode():
         cache = net.new_cache(1, context + tokens + 1)
-        net(ctx, torch.arange(context)[None], cache)
+        if context:
+            net(ctx[:, :context], torch.arange(context)[None], cache)
         x, pos = ctx[:, :tokens], torch.arange(context, context + tokens)[None]
         for _ in range(3):
             net(x, pos, cache, kv_len=context + tokens)
-        t = time.perf_counter()
         for _ in range(reps):
+            t = time.perf_counter()
             net(x, pos, cache, kv_len=context + tokens)
-    return (time.perf_counter() - t) / reps * 1e3
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def forward_ms(net, context: int, tokens: int, reps: int) -> float:
+    """Mean milliseconds of one forward (see forward_times)."""
+    return sum(forward_times(net, context, tokens, reps)) / reps * 1e3
 
 
 def main(argv=None) -> dict:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mirror.decoding.drafters.base import DraftStats
+from mirror.decoding.drafters.network import NetworkDrafter
 from mirror.decoding.factory import generate
 from mirror.decoding.messages import DraftWindow, EarlyExitSignal, Verdict
 from mirror.decoding.target import TargetPipeline
@@ -500,13 +501,21 @@ def test_a_predicted_verdict_ends_rollouts_before_it_arrives(scripted, policy):
     assert p.events.count("expand stopped") == 2
 
 
+class FillingDrafter(ScriptedDrafter):
+    def __init__(self):
+        super().__init__()
+        self._live = None
+
+    rolling = NetworkDrafter.rolling  # (reads _live as NetworkDrafter keeps it)
+
+
 class FillingPipeline(ScriptedPipeline):
     """Each signal's rollout: hypothesis (1, 9), one 80 ms draft step after another (at most 5),
-    its window length readable while it runs (`_live`, as NetworkDrafter keeps it)."""
+    its window length readable while it runs (`rolling`)."""
 
     def __init__(self, req):
         super().__init__(req)
-        self.drafter._live, self.stopped_at = None, []
+        self.drafter, self.stopped_at = FillingDrafter(), []
 
     def on_signal(self, signal, should_stop=None):
         lengths = torch.zeros(1, dtype=torch.long)

@@ -329,13 +329,11 @@ class _Session:
         """Whether the verdict's hypothesis is being rolled out and its window is still shorter
         than fill_window (then the rollout goes on)."""
         fill = self._fill
-        if fill is None:
+        rolling = getattr(self.pipeline.drafter, "rolling", None)  # (a duck-typed drafter may have none)
+        if fill is None or rolling is None:
             return False
-        drafter = self.pipeline.drafter
-        live = getattr(getattr(drafter, "net", drafter), "_live", None)  # (a duck-typed drafter may have none)
-        if live is None or fill[0] not in live[0]:
-            return False
-        return int(live[2][live[0].index(fill[0])]) < fill[1]
+        length = rolling(fill[0])
+        return length is not None and length < fill[1]
 
     def _finish_expansion(self) -> None:
         t = time.perf_counter()

@@ -95,6 +95,9 @@ class CombinedDrafter(Drafter):
         out.update({k: w for k, w in self.ngram.ready().items() if self._prefer(w)})
         return out
 
+    def rolling(self, key: tuple[int, int]) -> int | None:
+        return self.net.rolling(key)  # (n-gram branches are made at once, never running)
+
     def peek(self, verdict: Verdict) -> DraftWindow | None:
         ng = self.ngram.peek(verdict)
         return ng if self._prefer(ng) else self.net.peek(verdict)

@@ -312,12 +312,10 @@ class NetworkDrafter(Drafter):
         `budget` (SpecConfig.pre_budget), then expand that many hypotheses ranked by the draft's
         own distribution (`pre_expand`); returns how many."""
         n, G = len(self.ctx), len(self.window.ids)
-        if hasattr(self.buf, "floor"):  # branch rows' scratch KV: past the whole window, which a
-            self.buf.floor = n + G      # lazy catch-up may go on feeding after a pre-signal rollout
         if self.kv < n + G:
             todo = (self.ctx + self.window.ids)[self.kv:]
             own = budget > 0 and any(j not in self._own for j in range(G + 1))
-            if own and self.catch_up == "lazy" and self.params.greedy and len(todo) <= 64:
+            if own and self._lazy and len(todo) <= 64:
                 self._catch_up_lazy(should_stop)
             elif own and self.kv <= n + G - 1 and 1 < len(todo) <= 64:
                 # logits at every fed window position: the draft's own view of the window
@@ -338,6 +336,11 @@ class NetworkDrafter(Drafter):
     # catch_up="lazy": window tokens fed by the first call (with the committed tokens not fed
     # yet) and by each later one
     CATCH_UP_FIRST, CATCH_UP_NEXT = 1, 2
+
+    @property
+    def _lazy(self) -> bool:
+        """catch_up="lazy" applies (greedy only: it stops at the draft's own top-1)."""
+        return self.catch_up == "lazy" and self.params.greedy
 
     def _disagreement(self) -> int | None:
         """The first window position j whose own top-1 is known and is not d_{j+1}, where the
@@ -440,16 +443,13 @@ class NetworkDrafter(Drafter):
         that share the committed prefix's KV. Anytime: between batches it stops once
         `should_stop()` is true (the target's verdict arrived), so the draft never delays the
         target."""
-        lazy = self.catch_up == "lazy" and self.params.greedy
-        if not lazy:
+        if not self._lazy:
             self.prepare()  # usually done already, under the target's prefix
         pre = self._pre_rows  # rows 0..pre-1: hypotheses expanded before the signal (pre_expand)
         skip = set(skip) | set(self._branches)
         hyps = rank_hypotheses(signal, self.window, max(0, min(budget, self.max_rows - pre)), skip=skip)
-        if lazy:  # the KV these hypotheses branch from: through d_j (positions < n + j)
-            n, G = len(self.ctx), len(self.window.ids)
-            if hasattr(self.buf, "floor"):
-                self.buf.floor = n + G
+        if self._lazy:  # the KV these hypotheses branch from: through d_j (positions < n + j)
+            n = len(self.ctx)
             need = n + max((h.j for h in hyps), default=-1)
             if self.kv < need:
                 self._feed((self.ctx + self.window.ids)[self.kv:need], self.kv)
@@ -460,6 +460,8 @@ class NetworkDrafter(Drafter):
     def _expand_batches(self, hyps, gamma: int, row0: int, batch: int, should_stop, first_always: bool) -> int:
         """Roll out `hyps` in batches of rows row0..; between batches stop once `should_stop()`
         (the first batch always runs when `first_always`: a verdict never finds nothing expanded)."""
+        if hasattr(self.buf, "floor"):  # rows' scratch KV past the whole window, which a lazy
+            self.buf.floor = len(self.ctx) + len(self.window.ids)  # catch-up may feed after them
         done = 0
         for b0 in range(0, len(hyps), batch):
             if should_stop is not None and (done or not first_always) and should_stop():
@@ -518,6 +520,14 @@ class NetworkDrafter(Drafter):
 
     def ready(self) -> dict[tuple[int, int], DraftWindow]:
         return {k: b[1] for k, b in self._branches.items()}
+
+    def rolling(self, key: tuple[int, int]) -> int | None:
+        """The window length so far of hypothesis `key`'s rollout while it runs; None when it is
+        not running (read from another thread: SpecConfig.fill_window)."""
+        live = self._live
+        if live is None or key not in live[0]:
+            return None
+        return int(live[2][live[0].index(key)])
 
     def peek(self, verdict: Verdict) -> DraftWindow | None:
         key = (verdict.accepted, verdict.token)
